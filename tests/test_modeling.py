@@ -1,0 +1,451 @@
+"""SCTAModel: shapes, the batched head against the loop oracles, loss, gradients, save/load, remote code."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, BertModel, ViTModel
+
+from configuration_scta import SCTAConfig
+from modeling_scta import KeyTokenAlignmentHead, SCTAModel, hinge_loss_one_direction, scta_loss
+from reference_scta import reference_similarity, reference_similarity_loop
+from tiny_models import random_text_batch, tiny_bert_config, tiny_scta_config, tiny_vit_config
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_head(vision_has_cls_token=True, word_aggregation=True, dtype=torch.float64, seed=0, **settings):
+    torch.manual_seed(seed)
+    settings.setdefault("patch_aggr_ratio", 0.5)
+    head = KeyTokenAlignmentHead(
+        embed_size=32, num_patches=16, vision_has_cls_token=vision_has_cls_token, word_aggregation=word_aggregation, **settings
+    )
+    return head.to(dtype)
+
+
+def random_tokens(num_images, lengths, head, dtype=torch.float64, seed=1, extra_padding=3):
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens = torch.randn(num_images, 16 + int(head.vision_has_cls_token), 32, generator=generator, dtype=dtype)
+    lengths = torch.as_tensor(lengths)
+    max_length = int(lengths.max()) + extra_padding
+    text_tokens = torch.randn(len(lengths), max_length, 32, generator=generator, dtype=dtype)
+    text_mask = (torch.arange(max_length)[None, :] < lengths[:, None]).long()
+    return image_tokens, text_tokens, text_mask
+
+
+CAPTION_LENGTHS = [3, 4, 5, 7, 9, 12, 16, 21, 27, 33, 40]
+
+
+class SCTAModelTester:
+    """Builds a tiny model and inputs; checks every output field."""
+
+    def __init__(self, vision="vit", **head_settings):
+        self.config = tiny_scta_config(vision, **head_settings)
+        torch.manual_seed(0)
+        self.model = SCTAModel(self.config).eval()
+        self.batch_size = 3
+        generator = torch.Generator().manual_seed(0)
+        self.pixel_values = torch.randn(self.batch_size, 3, 32, 32, generator=generator)
+        self.input_ids, self.attention_mask = random_text_batch([9, 5, 7], generator=generator)
+
+    def check_outputs(self):
+        outputs = self.model(
+            pixel_values=self.pixel_values,
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            image_ids=torch.tensor([0, 1, 2]),
+            return_loss=True,
+        )
+        tokens = self.config.num_patches + int(self.config.vision_has_cls_token)
+        assert outputs.loss.shape == ()
+        assert torch.isfinite(outputs.loss)
+        assert outputs.logits_per_image.shape == (3, 3)
+        assert outputs.logits_per_text.shape == (3, 3)
+        assert torch.equal(outputs.logits_per_text, outputs.logits_per_image.t())
+        assert outputs.image_embeds.shape == (3, tokens, self.config.embed_size)
+        assert outputs.text_embeds.shape == (3, self.input_ids.shape[1], self.config.embed_size)
+        assert outputs.kept_patch_fraction.item() == pytest.approx(
+            self.config.num_kept_patches / self.config.num_patches
+        )
+        assert set(outputs.keys()) == {
+            "loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "kept_patch_fraction"
+        }
+        return outputs
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_default_config_matches_the_paper():
+    config = SCTAConfig()
+    assert config.vision_config.model_type == "vit" and config.text_config.model_type == "bert"
+    assert (config.embed_size, config.patch_keep_ratio, config.patch_aggr_ratio, config.word_keep_ratio) == (
+        512, 0.5, 0.3, 0.75,
+    )
+    assert (config.min_word_slots, config.max_word_slots, config.margin) == (4, 100, 0.2)
+    assert config.vision_has_cls_token and config.num_patches == 196
+    assert config.num_kept_patches == 98 and config.num_patch_slots == 29
+
+
+def test_swin_tower_has_no_cls_and_merged_patches():
+    config = tiny_scta_config("swin")
+    assert not config.vision_has_cls_token
+    assert config.num_patches == 16
+    swin_b = SCTAConfig(vision_config={"model_type": "swin", "image_size": 224, "patch_size": 4, "depths": [2, 2, 18, 2]})
+    assert swin_b.num_patches == 49 and not swin_b.vision_has_cls_token
+
+
+def test_config_round_trip(tmp_path):
+    config = tiny_scta_config(word_aggregation=False, margin=0.3)
+    config.save_pretrained(tmp_path)
+    loaded = SCTAConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert "num_patches" not in json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("patch_keep_ratio", 0.0),
+        ("patch_keep_ratio", 1.0),
+        ("patch_keep_ratio", -0.5),
+        ("patch_aggr_ratio", 0.0),
+        ("patch_aggr_ratio", 1.5),
+        ("word_keep_ratio", 0.0),
+        ("word_keep_ratio", 2.0),
+        ("min_word_slots", 0),
+        ("max_word_slots", 2),
+        ("aggregator_hidden_ratio", 0.0),
+        ("alignment_negative_slope", -0.1),
+        ("alignment_negative_slope", 1.5),
+        ("margin", -0.2),
+        ("embed_size", 0),
+    ],
+)
+def test_out_of_range_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"{field}={value}.*accepted range"):
+        SCTAConfig(**{field: value})
+
+
+def test_ratios_leaving_no_slot_or_no_dropped_patch_are_refused():
+    with pytest.raises(ValueError, match="patch_keep_ratio=0.999.*keeps all 196"):
+        SCTAConfig(patch_keep_ratio=0.999)
+    with pytest.raises(ValueError, match="0 patch slots"):
+        SCTAConfig(patch_keep_ratio=0.01, patch_aggr_ratio=0.1)
+
+
+def test_unknown_towers_are_refused():
+    with pytest.raises(ValueError, match="vision_config.model_type='resnet' is not a supported image tower"):
+        SCTAConfig(vision_config={"model_type": "resnet"})
+    with pytest.raises(ValueError, match="text_config.model_type='gpt2' is not a supported text tower"):
+        SCTAConfig(text_config={"model_type": "gpt2"})
+
+
+def test_settings_edited_after_construction_are_checked_by_the_model():
+    config = tiny_scta_config()
+    config.word_keep_ratio = 3.0
+    with pytest.raises(ValueError, match="word_keep_ratio=3.0"):
+        SCTAModel(config)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("vision", ["vit", "swin"])
+@pytest.mark.parametrize("word_aggregation", [True, False])
+def test_output_fields_and_shapes(vision, word_aggregation):
+    SCTAModelTester(vision, word_aggregation=word_aggregation).check_outputs()
+
+
+def test_towers_have_no_pooler_and_features_have_documented_shapes():
+    tester = SCTAModelTester()
+    model = tester.model
+    assert model.vision_model.pooler is None and model.text_model.pooler is None
+    image_features = model.get_image_features(tester.pixel_values)
+    text_features = model.get_text_features(tester.input_ids, tester.attention_mask)
+    assert image_features.shape == (3, 17, 24)
+    assert text_features.shape == (3, 9, 24)
+    scores = model.similarity(image_features, text_features, tester.attention_mask)
+    assert torch.equal(scores, model(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image)
+
+
+def test_forward_rejects_mismatched_inputs():
+    tester = SCTAModelTester()
+    model = tester.model
+    with pytest.raises(ValueError, match=r"image_ids must have one id per image, shape \(3,\)"):
+        model(tester.pixel_values, tester.input_ids, tester.attention_mask, image_ids=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="needs \\(image, caption\\) pairs, but got 2 images and 3 captions"):
+        model(tester.pixel_values[:2], tester.input_ids, tester.attention_mask, return_loss=True)
+    with pytest.raises(ValueError, match="input_ids and attention_mask"):
+        model(tester.pixel_values, tester.input_ids, tester.attention_mask[:, :4])
+    left_padded = tester.attention_mask.flip(1)
+    with pytest.raises(ValueError, match="not right-padded"):
+        model(tester.pixel_values, tester.input_ids, left_padded)
+    too_short = tester.attention_mask.clone()
+    too_short[1, 1:] = 0
+    with pytest.raises(ValueError, match="caption 1 has 1 real token"):
+        model(tester.pixel_values, tester.input_ids, too_short)
+    with pytest.raises(ValueError, match=r"image tokens must be \(batch, 17, embed_size\)"):
+        model.similarity(torch.randn(2, 12, 24), torch.randn(3, 9, 24), tester.attention_mask)
+
+
+# ---------------------------------------------------------------------------------------------- head vs oracle
+
+
+@pytest.mark.parametrize("vision_has_cls_token", [True, False])
+@pytest.mark.parametrize("word_aggregation", [True, False])
+def test_batched_head_equals_per_pair_oracle(vision_has_cls_token, word_aggregation):
+    head = make_head(vision_has_cls_token, word_aggregation)
+    image_tokens, text_tokens, text_mask = random_tokens(5, CAPTION_LENGTHS, head)
+    with torch.no_grad():
+        oracle = reference_similarity(head, image_tokens, text_tokens, text_mask)
+        batched = head(image_tokens, text_tokens, text_mask, image_chunk_size=2, text_chunk_size=4)
+        loop = reference_similarity_loop(head, image_tokens, text_tokens, text_mask)
+    torch.testing.assert_close(batched, oracle, atol=1e-10, rtol=0)
+    torch.testing.assert_close(loop, oracle, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("vision_has_cls_token", [True, False])
+def test_batched_head_equals_oracle_in_float32(vision_has_cls_token):
+    head = make_head(vision_has_cls_token, dtype=torch.float32)
+    image_tokens, text_tokens, text_mask = random_tokens(6, CAPTION_LENGTHS, head, dtype=torch.float32)
+    with torch.no_grad():
+        oracle = reference_similarity(head, image_tokens, text_tokens, text_mask)
+        batched = head(image_tokens, text_tokens, text_mask)
+    torch.testing.assert_close(batched, oracle, atol=1e-5, rtol=0)
+
+
+def test_batched_head_at_the_papers_shapes_equals_the_published_loop():
+    """196 patches + [CLS], width 512, K = 98, M = 29, float32."""
+    torch.manual_seed(0)
+    head = KeyTokenAlignmentHead(embed_size=512, num_patches=196, vision_has_cls_token=True)
+    generator = torch.Generator().manual_seed(0)
+    image_tokens = torch.randn(4, 197, 512, generator=generator)
+    lengths = torch.tensor([5, 11, 14, 19, 30])
+    text_tokens = torch.randn(5, 32, 512, generator=generator)
+    text_mask = (torch.arange(32)[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        loop = reference_similarity_loop(head, image_tokens, text_tokens, text_mask)
+        batched = head(image_tokens, text_tokens, text_mask)
+    assert head.num_kept_patches == 98 and head.num_patch_slots == 29
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
+
+
+def test_gradients_equal_the_oracles():
+    head = make_head()
+    image_tokens, text_tokens, text_mask = random_tokens(4, [3, 6, 11, 25, 40], head)
+    image_tokens.requires_grad_(True)
+    text_tokens.requires_grad_(True)
+    weights = torch.randn(4, 5, dtype=torch.float64)
+    inputs = [image_tokens, text_tokens, *head.parameters()]
+
+    oracle = (reference_similarity(head, image_tokens, text_tokens, text_mask) * weights).sum()
+    expected = torch.autograd.grad(oracle, inputs)
+    batched = (head(image_tokens, text_tokens, text_mask, image_chunk_size=3, text_chunk_size=2) * weights).sum()
+    actual = torch.autograd.grad(batched, inputs)
+    for name, got, want in zip(["image_tokens", "text_tokens", *dict(head.named_parameters())], actual, expected):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8, msg=f"gradient of {name}")
+
+
+def test_sharp_aggregator_is_scored_in_wider_precision_and_stays_exact():
+    head = make_head(dtype=torch.float32)
+    image_tokens, text_tokens, text_mask = random_tokens(3, [4, 9, 17], head, dtype=torch.float32)
+    with torch.no_grad():
+        head.patch_aggregator.scale.fill_(300.0)
+        logits = head.patch_aggregator(image_tokens[:, 1:])
+        spread = logits.amax(1) - logits.kthvalue(head.num_kept_patches, dim=1).values
+        assert spread.max() > 88, "premise: exp of these logit differences overflows float32"
+        expected = reference_similarity(head.double(), image_tokens.double(), text_tokens.double(), text_mask)
+        head.float()
+        batched = head(image_tokens, text_tokens, text_mask)
+    assert torch.isfinite(batched).all()
+    torch.testing.assert_close(batched.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_diverged_aggregator_is_an_error_not_nan():
+    head = make_head()
+    image_tokens, text_tokens, text_mask = random_tokens(2, [5, 6], head)
+    with torch.no_grad():
+        head.patch_aggregator.scale.fill_(1e6)
+        with pytest.raises(FloatingPointError, match="has diverged"):
+            head(image_tokens, text_tokens, text_mask)
+
+
+# ---------------------------------------------------------------------------------------------- invariances
+
+
+def test_scores_do_not_depend_on_batch_composition_padding_or_chunks():
+    head = make_head(dtype=torch.float32)
+    image_tokens, text_tokens, text_mask = random_tokens(7, CAPTION_LENGTHS, head, dtype=torch.float32)
+    with torch.no_grad():
+        full = head(image_tokens, text_tokens, text_mask)
+        again = head(image_tokens, text_tokens, text_mask)
+        assert torch.equal(full, again), "the same inputs must give the same scores"
+        # a subset of images and captions, in another order
+        images, captions = torch.tensor([5, 0, 3]), torch.tensor([9, 2, 6, 0])
+        subset = head(image_tokens[images], text_tokens[captions], text_mask[captions])
+        torch.testing.assert_close(subset, full[images][:, captions], atol=1e-6, rtol=0)
+        # more padding
+        padded_tokens = torch.cat([text_tokens, torch.randn(len(text_tokens), 9, 32)], dim=1)
+        padded_mask = torch.cat([text_mask, torch.zeros(len(text_mask), 9, dtype=text_mask.dtype)], dim=1)
+        torch.testing.assert_close(head(image_tokens, padded_tokens, padded_mask), full, atol=1e-6, rtol=0)
+        # other block shapes
+        for chunks in [(1, 1), (2, 5), (100, 100)]:
+            torch.testing.assert_close(head(image_tokens, text_tokens, text_mask, *chunks), full, atol=1e-6, rtol=0)
+
+
+def test_model_scores_do_not_depend_on_batch_composition():
+    tester = SCTAModelTester()
+    model = tester.model
+    with torch.no_grad():
+        full = model(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image
+        one_pair = model(tester.pixel_values[2:], tester.input_ids[1:2, :5], tester.attention_mask[1:2, :5])
+    torch.testing.assert_close(one_pair.logits_per_image[0, 0], full[2, 1], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def test_loss_on_a_hand_built_matrix():
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.5, 0.6], [0.2, 0.4, 0.7]])
+    # image->text, rows: [0.2+0.8-0.9, 0.2+0.1-0.9] = [0.1, 0]; [0.2+0.3-0.5, 0.2+0.6-0.5] = [0, 0.3];
+    # [0.2+0.2-0.7, 0.2+0.4-0.7] = [0, 0]
+    # text->image, columns: [0.2+0.3-0.9, 0.2+0.2-0.9] = [0, 0]; [0.2+0.8-0.5, 0.2+0.4-0.5] = [0.5, 0.1];
+    # [0.2+0.1-0.7, 0.2+0.6-0.7] = [0, 0.1]
+    assert scta_loss(scores, hardest_negative=False).item() == pytest.approx(0.1 + 0.3 + 0.5 + 0.1 + 0.1)
+    assert scta_loss(scores, hardest_negative=True).item() == pytest.approx(0.1 + 0.3 + 0.0 + 0.0 + 0.5 + 0.1)
+    # pairs 1 and 2 show the same image: (1, 2) and (2, 1) are positives, not negatives
+    same_image = torch.tensor([7, 3, 3])
+    assert scta_loss(scores, same_image, hardest_negative=False).item() == pytest.approx(0.1 + 0.5)
+    assert scta_loss(scores, same_image, hardest_negative=True).item() == pytest.approx(0.1 + 0.5)
+    assert scta_loss(scores, margin=0.0, hardest_negative=False).item() == pytest.approx(0.1 + 0.3)
+
+
+def test_loss_one_direction_on_a_strip_matches_the_square_loss():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 6, generator=generator)
+    image_ids = torch.tensor([0, 1, 1, 2, 3, 4])
+    positive_mask = image_ids[:, None] == image_ids[None, :]
+    # queries 2..3 against every candidate, as one process of two would compute them
+    strip = hinge_loss_one_direction(scores[2:4], scores.diagonal()[2:4], positive_mask[2:4])
+    rest = hinge_loss_one_direction(scores[[0, 1, 4, 5]], scores.diagonal()[[0, 1, 4, 5]], positive_mask[[0, 1, 4, 5]])
+    full_rows = hinge_loss_one_direction(scores, scores.diagonal(), positive_mask)
+    assert (strip + rest).item() == pytest.approx(full_rows.item())
+
+
+def test_loss_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="square"):
+        scta_loss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(2,\)"):
+        scta_loss(torch.zeros(2, 2), torch.tensor([1, 2, 3]))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_one_backward_reaches_every_parameter():
+    tester = SCTAModelTester()
+    model = tester.model.train()
+    outputs = model(
+        tester.pixel_values, tester.input_ids, tester.attention_mask, return_loss=True, hardest_negative=False
+    )
+    assert outputs.loss.item() > 0
+    outputs.loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
+        if name.startswith("head."):
+            assert parameter.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def test_every_parameter_is_initialised_when_missing_from_a_checkpoint(tmp_path):
+    tester = SCTAModelTester()
+    tester.model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["head.patch_aggregator.scale"], weights["head.word_aggregator.scale"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = SCTAModel.from_pretrained(tmp_path)
+    assert loaded.head.patch_aggregator.scale.item() == 1.0
+    assert loaded.head.word_aggregator.scale.item() == 1.0
+
+
+def test_init_is_deterministic_under_a_seed():
+    config = tiny_scta_config()
+    torch.manual_seed(3)
+    first = SCTAModel(config).state_dict()
+    torch.manual_seed(3)
+    second = SCTAModel(config).state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_save_and_load_round_trip_through_auto_model(tmp_path):
+    tester = SCTAModelTester()
+    expected = tester.check_outputs().logits_per_image
+    tester.model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert {"configuration_scta.py", "modeling_scta.py"} <= set(os.listdir(tmp_path))
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_scta.SCTAConfig", "AutoModel": "modeling_scta.SCTAModel"}
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, SCTAModel)
+    with torch.no_grad():
+        scores = loaded(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
+    tester = SCTAModelTester()
+    model_dir, work_dir = tmp_path / "model", tmp_path / "elsewhere"
+    work_dir.mkdir()
+    tester.model.save_pretrained(model_dir)
+    with torch.no_grad():
+        expected = tester.model(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image
+    inputs = {"pixel_values": tester.pixel_values, "input_ids": tester.input_ids, "attention_mask": tester.attention_mask}
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModel
+        assert importlib.util.find_spec("modeling_scta") is None, "the project must not be importable here"
+        model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            scores = model(**load_file({str(tmp_path / 'inputs.safetensors')!r})).logits_per_image
+        save_file({{"scores": scores.contiguous()}}, {str(tmp_path / 'scores.safetensors')!r})
+        """
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=work_dir, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = load_file(tmp_path / "scores.safetensors")["scores"]
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+def test_from_vision_text_pretrained_loads_local_towers(tmp_path):
+    torch.manual_seed(0)
+    vision, text = ViTModel(tiny_vit_config()), BertModel(tiny_bert_config())
+    vision.save_pretrained(tmp_path / "vision")
+    text.save_pretrained(tmp_path / "text")
+    model = SCTAModel.from_vision_text_pretrained(str(tmp_path / "vision"), str(tmp_path / "text"), embed_size=16)
+    assert model.config.embed_size == 16 and model.config.num_patches == 16
+    assert model.vision_model.pooler is None and model.text_model.pooler is None
+    for name, weight in vision.state_dict().items():
+        if not name.startswith("pooler"):
+            assert torch.equal(model.vision_model.state_dict()[name], weight), name
+    for name, weight in text.state_dict().items():
+        if not name.startswith("pooler"):
+            assert torch.equal(model.text_model.state_dict()[name], weight), name
