@@ -353,12 +353,29 @@ class KeyTokenAlignmentHead(nn.Module):
         if image_chunk_size < 1 or text_chunk_size < 1:
             raise ValueError(f"chunk sizes must be >= 1, got ({image_chunk_size}, {text_chunk_size}).")
 
+        text_blocks, order = self.text_key_blocks(text_tokens, text_attention_mask, text_chunk_size)
+        sorted_scores = self.score_text_blocks(image_tokens, text_blocks, image_chunk_size)
+        return sorted_scores.index_select(1, order.argsort())  # (B_img, B_txt), captions back in input order
+
+    def text_key_blocks(
+        self, text_tokens: torch.Tensor, text_attention_mask: torch.Tensor, text_chunk_size: int
+    ) -> tuple[list[TextKeyTokens], torch.Tensor]:
+        """
+        Text key tokens in blocks of at most `text_chunk_size` captions, sorted by key-token count so that little
+        of a block is padding.
+
+        Returns:
+            the blocks, and `order` `(B_txt,)`: block captions, concatenated, are `order` of the input's.
+        """
         text = self.text_key_tokens(text_tokens, text_attention_mask)
-        # Captions with similar key-token counts share a block, so little of it is padding.
         order = text.mask.sum(-1).argsort(stable=True)
         text = text[order]
-        text_blocks = [text[span].trimmed() for span in _spans(len(order), text_chunk_size)]
+        return [text[span].trimmed() for span in _spans(len(order), text_chunk_size)], order
 
+    def score_text_blocks(
+        self, image_tokens: torch.Tensor, text_blocks: list[TextKeyTokens], image_chunk_size: int
+    ) -> torch.Tensor:
+        """Scores `(B_img, sum of block sizes)` of every image against the captions of `text_blocks`, in order."""
         recompute = torch.is_grad_enabled()  # keep memory to one block during training
         rows = []
         for image_span in _spans(image_tokens.shape[0], image_chunk_size):
@@ -368,11 +385,10 @@ class KeyTokenAlignmentHead(nn.Module):
                     for b in text_blocks
                 ]
             else:
-                image = self.image_key_state(image_tokens[image_span])
+                image = self.image_key_state(image_tokens[image_span])  # once per image, for every block
                 row = [self.block_scores(image, b) for b in text_blocks]
             rows.append(torch.cat(row, dim=1))
-        sorted_scores = torch.cat(rows, dim=0).to(image_tokens.dtype)  # (B_img, B_txt), captions in `order`
-        return sorted_scores.index_select(1, order.argsort())
+        return torch.cat(rows, dim=0).to(image_tokens.dtype)
 
     def _score_tokens(self, image_tokens, text_key_tokens, text_key_mask, text_query) -> torch.Tensor:
         return self.block_scores(
@@ -474,6 +490,35 @@ class SCTAPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`, strict by default: a checkpoint key that is missing, unexpected or of
+        another shape is an error that names it, instead of a warning and a randomly initialised weight. Pass
+        `strict=False` to load partially (missing weights are then initialised by `_init_weights`), and
+        `ignore_mismatched_sizes=True` to re-initialise weights whose shape differs.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = {}
+        if strict:
+            problems.update({kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys")})
+        if not allow_mismatch:
+            problems["mismatched_keys"] = sorted(
+                f"{key} (checkpoint {tuple(saved)}, model {tuple(expected)})"
+                for key, saved, expected in info.get("mismatched_keys") or ()
+            )
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            details = "; ".join(f"{kind}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items())
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(
+                f"The checkpoint {source} does not match {cls.__name__} ({details}). Was it saved by another version "
+                "or configuration? strict=False loads it without the missing or unexpected keys."
+            )
+        return (model, info) if return_info else model
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -374,9 +374,24 @@ def test_every_parameter_is_initialised_when_missing_from_a_checkpoint(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     del weights["head.patch_aggregator.scale"], weights["head.word_aggregator.scale"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = SCTAModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="missing_keys: head.patch_aggregator.scale, head.word_aggregator.scale"):
+        SCTAModel.from_pretrained(tmp_path)
+    loaded = SCTAModel.from_pretrained(tmp_path, strict=False)
     assert loaded.head.patch_aggregator.scale.item() == 1.0
     assert loaded.head.word_aggregator.scale.item() == 1.0
+
+
+def test_loading_is_strict_about_unexpected_and_mismatched_keys(tmp_path):
+    tester = SCTAModelTester()
+    tester.model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({**weights, "head.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected_keys: head.extra.weight"):
+        SCTAModel.from_pretrained(tmp_path)
+    weights["head.patch_aggregator.mlp.3.weight"] = torch.zeros(3, 4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"mismatched_keys: head.patch_aggregator.mlp.3.weight \(checkpoint \(3, 4\)"):
+        SCTAModel.from_pretrained(tmp_path)
 
 
 def test_init_is_deterministic_under_a_seed():

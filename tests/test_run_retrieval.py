@@ -1,0 +1,333 @@
+"""run_retrieval.py: metrics, optimiser and schedule, an end-to-end Trainer run, its outputs, Hub push, two processes."""
+
+import concurrent.futures
+import fnmatch
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import run_retrieval
+from conftest import REPO, tiny_run_config, write_config
+from run_retrieval import (
+    SCTATrainer,
+    SCTATrainingArguments,
+    format_results,
+    recall_summary,
+    retrieval_eval_loss,
+    retrieval_metrics,
+    retrieval_ranks,
+)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_ranks_on_a_hand_built_matrix():
+    # 3 images, 2 captions each (captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2)
+    caption_to_image = torch.tensor([0, 0, 1, 1, 2, 2])
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.8, 0.2, 0.3, 0.4],  # image 0: best positive 0.9, no negative above -> rank 0
+            [0.7, 0.6, 0.5, 0.1, 0.2, 0.3],  # image 1: best positive 0.5; 0.7, 0.6 above -> rank 2
+            [0.1, 0.2, 0.3, 0.4, 0.05, 0.35],  # image 2: best positive 0.35; 0.4 above -> rank 1
+        ]
+    )
+    image_to_text, text_to_image = retrieval_ranks(scores, caption_to_image)
+    assert image_to_text.tolist() == [0, 2, 1]
+    # caption 0: 0.9 best -> 0; caption 1: 0.1 vs 0.6, 0.2 -> 2; caption 2: 0.5 vs 0.8 -> 1; caption 3: 0.1 vs
+    # 0.2, 0.4 -> 2; caption 4: 0.05 vs 0.3, 0.2 -> 2; caption 5: 0.35 vs 0.4 -> 1
+    assert text_to_image.tolist() == [0, 2, 1, 2, 2, 1]
+    metrics = recall_summary(image_to_text, text_to_image)
+    assert metrics["r1_i2t"] == pytest.approx(100 / 3)
+    assert metrics["r5_i2t"] == pytest.approx(100.0)
+    assert metrics["r1_t2i"] == pytest.approx(100 / 6)
+    assert metrics["medr_i2t"] == 2.0  # median rank 1 -> floor(1) + 1
+    assert metrics["medr_t2i"] == 2.0  # median of [0,1,1,2,2,2] = 1.5 -> floor + 1 = 2
+    assert metrics["meanr_i2t"] == pytest.approx(2.0)
+    assert metrics["meanr_t2i"] == pytest.approx(8 / 6 + 1)
+    assert metrics["rsum"] == pytest.approx(sum(metrics[f"r{k}_{d}"] for k in (1, 5, 10) for d in ("i2t", "t2i")))
+
+
+def test_ties_count_against_the_model():
+    caption_to_image = torch.arange(4).repeat_interleave(5)
+    metrics = retrieval_metrics(torch.zeros(4, 20), caption_to_image)
+    assert metrics["r1_i2t"] == 0.0 and metrics["r1_t2i"] == 0.0
+    image_to_text, text_to_image = retrieval_ranks(torch.zeros(4, 20), caption_to_image)
+    assert image_to_text.tolist() == [15] * 4  # every one of the 15 negatives ties with the positives
+    assert text_to_image.tolist() == [3] * 20
+
+
+def test_any_number_of_captions_per_image():
+    caption_to_image = torch.tensor([0, 1, 1, 1, 2, 2])
+    scores = torch.full((3, 6), -1.0)
+    scores[caption_to_image, torch.arange(6)] = 1.0
+    metrics = retrieval_metrics(scores, caption_to_image)
+    assert metrics["r1_i2t"] == 100.0 and metrics["r1_t2i"] == 100.0
+    assert metrics["medr_i2t"] == 1.0 and metrics["meanr_t2i"] == 1.0
+
+
+def test_five_fold_mean():
+    generator = torch.Generator().manual_seed(0)
+    caption_to_image = torch.arange(10).repeat_interleave(3)
+    scores = torch.rand(10, 30, generator=generator)
+    metrics = retrieval_metrics(scores, caption_to_image, five_fold=True, fold_size=2)
+    folds = []
+    for fold in range(5):
+        rows = torch.arange(2 * fold, 2 * fold + 2)
+        columns = torch.arange(6 * fold, 6 * fold + 6)
+        folds.append(recall_summary(*retrieval_ranks(scores[rows][:, columns], caption_to_image[columns] - 2 * fold)))
+    for name in folds[0]:
+        assert metrics[f"1k_{name}"] == pytest.approx(np.mean([fold[name] for fold in folds]))
+    assert metrics["r1_i2t"] == recall_summary(*retrieval_ranks(scores, caption_to_image))["r1_i2t"]
+    assert "1k_r1_i2t" not in retrieval_metrics(scores, caption_to_image)  # only 5 x 1,000 images by default
+    with pytest.raises(ValueError, match="5-fold evaluation needs 5 x 2 images"):
+        retrieval_metrics(scores[:8, :24], caption_to_image[:24], five_fold=True, fold_size=2)
+
+
+def test_eval_loss_on_a_hand_built_matrix():
+    caption_to_image = torch.tensor([0, 1])
+    scores = torch.tensor([[0.5, 0.6], [0.1, 0.9]])
+    # caption 0 (image 0, 0.5): hardest other caption of image 0 = 0.6 -> 0.2 + 0.6 - 0.5 = 0.3;
+    #   hardest other image for caption 0 = 0.1 -> 0.2 + 0.1 - 0.5 < 0 -> 0
+    # caption 1 (image 1, 0.9): hardest other caption of image 1 = 0.1 -> 0; other image 0.6 -> 0.2 + 0.6 - 0.9 < 0
+    assert retrieval_eval_loss(scores, caption_to_image, margin=0.2) == pytest.approx(0.3 / 2)
+
+
+def test_results_table_lists_both_directions():
+    metrics = {f"test_{name}": value for name, value in recall_summary(torch.tensor([0, 3]), torch.tensor([1, 0])).items()}
+    table = format_results(metrics, "test")
+    assert "image -> text" in table and "text -> image" in table and "rsum" in table
+    assert "50.0" in table
+
+
+# ---------------------------------------------------------------------------------------------- optimiser
+
+
+def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
+    from datasets import load_from_disk
+
+    from modeling_scta import SCTAModel
+    from tiny_models import tiny_scta_config
+
+    model = SCTAModel(tiny_scta_config())
+    args = SCTATrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, per_device_train_batch_size=32,
+        lr_decay_epochs=[1, 3], lr_decay_factor=0.3, report_to="none",
+    )
+    train = load_from_disk(synthetic_dir)["train"]  # 96 images -> 480 pairs -> 15 steps per epoch
+    trainer = SCTATrainer(model=model, args=args, train_dataset=[None] * 480, eval_dataset=train)
+    optimizer = trainer.create_optimizer()
+    backbone_group, head_group = optimizer.param_groups
+    backbone_ids = {id(p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "text_model."))}
+    assert {id(p) for p in backbone_group["params"]} == backbone_ids
+    assert len(head_group["params"]) == len(list(model.parameters())) - len(backbone_ids)
+    assert backbone_group["lr"] == pytest.approx(1e-4) and head_group["lr"] == pytest.approx(1e-3)
+    assert backbone_group["weight_decay"] == head_group["weight_decay"] == 1e-4
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert trainer.args.max_grad_norm == 2.0
+
+    scheduler = trainer.create_scheduler(num_training_steps=60, optimizer=optimizer)
+    assert trainer.update_steps_per_epoch() == 15
+    learning_rates = []
+    for _ in range(60):
+        learning_rates.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert learning_rates[14] == pytest.approx(1e-3) and learning_rates[15] == pytest.approx(3e-4)
+    assert learning_rates[44] == pytest.approx(3e-4) and learning_rates[45] == pytest.approx(9e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(9e-6)
+
+
+def test_papers_recipe_is_the_default(tmp_path):
+    args = SCTATrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert (args.learning_rate, args.weight_decay, args.max_grad_norm, args.num_train_epochs) == (2e-4, 1e-4, 2.0, 30)
+    assert args.lr_decay_epochs == [9, 15, 20, 25] and args.lr_decay_factor == 0.3 and args.backbone_lr_scale == 0.1
+    assert args.metric_for_best_model == "rsum" and args.load_best_model_at_end and not args.remove_unused_columns
+    for name in ("f30k_vit", "coco_vit"):
+        _, data_args, training_args = run_retrieval.parse_arguments([os.path.join(REPO, "configs", f"{name}.json")])
+        assert training_args.learning_rate == 2e-4 and training_args.num_train_epochs == 30
+        assert training_args.per_device_train_batch_size == (128 if name == "f30k_vit" else 64)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, synthetic_dir):
+    """One short training run (2 epochs, 30 steps) with dev evaluation, test evaluation and a model card."""
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    config = tiny_run_config(synthetic_dir, str(output_dir))
+    results = run_retrieval.main([write_config(output_dir.parent / "run.json", config)])
+    return SimpleNamespace(output_dir=output_dir, results=results, config=config)
+
+
+def test_short_training_run_writes_a_complete_output_folder(trained_run):
+    output_dir = trained_run.output_dir
+    files = set(os.listdir(output_dir))
+    assert {"model.safetensors", "config.json", "configuration_scta.py", "modeling_scta.py", "processing_scta.py"} <= files
+    assert {"processor_config.json", "README.md", "eval_results.json", "test_results.json", "train_results.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) and "training_args" not in name for name in files)
+    auto_map = json.loads((output_dir / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_scta.SCTAModel"
+    test_results = json.loads((output_dir / "test_results.json").read_text())
+    for name in ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum", "medr_i2t", "meanr_i2t",
+                 "medr_t2i", "meanr_t2i", "loss"):
+        assert math.isfinite(test_results[f"test_{name}"]), name
+    assert trained_run.results["nonfinite_loss_steps"] == 0
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 30  # 96 images x 5 captions = 480 pairs, 32 per step, 2 epochs
+    assert state["best_model_checkpoint"] is not None
+    logged_eval = [entry for entry in state["log_history"] if "eval_rsum" in entry]
+    assert len(logged_eval) == 2 and all("eval_loss" in entry for entry in logged_eval)  # one per epoch
+
+
+def test_model_card_has_results_settings_and_usage(trained_run):
+    card = (trained_run.output_dir / "README.md").read_text()
+    assert "## Results: eval split" in card and "## Results: test split" in card
+    assert "| image → text |" in card and "patch_keep_ratio=0.5" in card
+    assert "trust_remote_code=True" in card and 'revision="<commit sha>"' in card
+
+
+def _run_in_fresh_process(script: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run Python code where the project is not importable (no repo on sys.path, cwd elsewhere)."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules"))
+    script = "import importlib.util\nassert importlib.util.find_spec('modeling_scta') is None\n" + textwrap.dedent(script)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+LOAD_AND_SCORE = """
+    import json, sys, torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+    folder = sys.argv[1] if len(sys.argv) > 1 else {folder!r}
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    images = [Image.new("RGB", (40, 40), color) for color in ("red", "blue")]
+    inputs = processor(images=images, text=["a big red circle on the left", "None"], return_tensors="pt")
+    with torch.no_grad():
+        scores = model(**inputs).logits_per_image
+    print(json.dumps(scores.tolist()))
+"""
+
+
+def _scores_here(folder: Path) -> torch.Tensor:
+    from PIL import Image
+
+    from modeling_scta import SCTAModel
+    from processing_scta import SCTAProcessor
+
+    model = SCTAModel.from_pretrained(folder).eval()
+    processor = SCTAProcessor.from_pretrained(folder)
+    images = [Image.new("RGB", (40, 40), color) for color in ("red", "blue")]
+    inputs = processor(images=images, text=["a big red circle on the left", "None"], return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits_per_image
+
+
+def test_output_folder_loads_in_a_fresh_process_with_remote_code(trained_run, tmp_path):
+    result = _run_in_fresh_process(LOAD_AND_SCORE.format(folder=str(trained_run.output_dir)), tmp_path)
+    scores = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(scores, _scores_here(trained_run.output_dir), atol=1e-5, rtol=0)
+
+
+def test_evaluating_the_saved_folder_reproduces_its_metrics(trained_run, tmp_path, synthetic_dir):
+    config = {
+        "model_name_or_path": str(trained_run.output_dir),
+        "dataset_dir": synthetic_dir,
+        "output_dir": str(tmp_path / "eval"),
+        "do_train": False, "do_eval": True, "do_predict": True,
+        "per_device_eval_batch_size": 7, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+    }
+    results = run_retrieval.main([write_config(tmp_path / "eval.json", config)])
+    recorded = json.loads((trained_run.output_dir / "test_results.json").read_text())
+    for name, value in recorded.items():
+        if not name.endswith(("runtime", "per_second")):
+            assert results[name] == pytest.approx(value, abs=1e-6), name
+    again = run_retrieval.main([write_config(tmp_path / "eval.json", config)])
+    assert {k: v for k, v in again.items() if "runtime" not in k and "per_second" not in k} == {
+        k: v for k, v in results.items() if "runtime" not in k and "per_second" not in k
+    }
+
+
+class CapturingHubApi:
+    """Stands in for huggingface_hub.HfApi: records repositories and copies uploaded folders."""
+
+    def __init__(self, capture_dir: Path):
+        self.capture_dir = capture_dir
+        self.uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=f"someone/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, run_as_future=False, **kwargs):
+        target = self.capture_dir / repo_id / (path_in_repo or "")
+        for source in Path(folder_path).rglob("*"):
+            relative = source.relative_to(folder_path).as_posix()
+            if source.is_file() and not any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative.split("/")[0], p) for p in ignore_patterns or ()):
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target / relative)
+        self.uploads.append((repo_id, kwargs.get("commit_message")))
+        result = SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}")
+        if run_as_future:
+            future = concurrent.futures.Future()
+            future.set_result(result)
+            return future
+        return result
+
+
+def test_push_to_hub_uploads_a_folder_that_loads_in_a_fresh_process(tmp_path, synthetic_dir, monkeypatch):
+    hub = CapturingHubApi(tmp_path / "hub")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    config = tiny_run_config(
+        synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, do_predict=False,
+        push_to_hub=True, hub_model_id="scta-tiny", hub_strategy="end",
+    )
+    run_retrieval.main([write_config(tmp_path / "push.json", config)])
+    assert hub.uploads and hub.uploads[-1][0] == "someone/scta-tiny"
+    pushed = tmp_path / "hub" / "someone" / "scta-tiny"
+    assert {"model.safetensors", "modeling_scta.py", "processing_scta.py", "README.md"} <= set(os.listdir(pushed))
+    assert not any(name.startswith("checkpoint-") for name in os.listdir(pushed))
+    result = _run_in_fresh_process(LOAD_AND_SCORE.format(folder=str(pushed)), tmp_path)
+    scores = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(scores, _scores_here(tmp_path / "out"), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def test_argument_errors_say_what_to_fix(tmp_path, synthetic_dir):
+    base = tiny_run_config(synthetic_dir, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="exactly one model source"):
+        run_retrieval.main([write_config(tmp_path / "a.json", {**base, "model_name_or_path": str(tmp_path)})])
+    with pytest.raises(ValueError, match="--dataset_name 'coco' is unknown"):
+        bad = {k: v for k, v in base.items() if k != "dataset_dir"}
+        run_retrieval.main([write_config(tmp_path / "b.json", {**bad, "dataset_name": "coco"})])
+    not_scta = tmp_path / "bert"
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(not_scta)
+    towerless = {k: v for k, v in base.items() if k not in ("vision_config", "text_config")}
+    with pytest.raises(ValueError, match="is not an SCTA model .*model_type='bert'"):
+        run_retrieval.main([write_config(tmp_path / "c.json", {**towerless, "model_name_or_path": str(not_scta)})])
+    with pytest.raises(ValueError, match="text_config.model_type='gpt2' is not a supported text tower"):
+        run_retrieval.main([write_config(tmp_path / "d.json", {**base, "text_config": {"model_type": "gpt2"}})])
+    with pytest.raises(ValueError, match="patch_keep_ratio=1.5 is out of range"):
+        run_retrieval.main([write_config(tmp_path / "e.json", {**base, "patch_keep_ratio": 1.5})])
+    with pytest.raises(ValueError, match="--dataset_dir .* does not exist"):
+        run_retrieval.main([write_config(tmp_path / "f.json", {**base, "dataset_dir": str(tmp_path / "nowhere")})])
