@@ -331,3 +331,55 @@ def test_argument_errors_say_what_to_fix(tmp_path, synthetic_dir):
         run_retrieval.main([write_config(tmp_path / "e.json", {**base, "patch_keep_ratio": 1.5})])
     with pytest.raises(ValueError, match="--dataset_dir .* does not exist"):
         run_retrieval.main([write_config(tmp_path / "f.json", {**base, "dataset_dir": str(tmp_path / "nowhere")})])
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+def _torchrun(arguments: list[str], cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Two CPU processes (gloo) under torchrun, which really starts two (`accelerate launch --cpu` starts one)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    result = subprocess.run(command + arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    return result
+
+
+def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path):
+    _torchrun([os.path.join(REPO, "tests", "distributed_check.py"), str(tmp_path / "report.json")], tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for phase in ("sum_over_negatives", "hardest_negative"):
+        numbers = report[phase]
+        assert numbers["loss"] == pytest.approx(numbers["expected_loss"], rel=1e-5), phase
+        assert numbers["max_gradient_error"] <= 1e-5 * numbers["max_gradient"], phase
+
+
+def test_two_process_evaluation_equals_one_process(trained_run, tmp_path, synthetic_dir):
+    config = {
+        "model_name_or_path": str(trained_run.output_dir),
+        "dataset_dir": synthetic_dir,
+        "output_dir": str(tmp_path / "eval2"),
+        "do_train": False, "do_eval": True,
+        "per_device_eval_batch_size": 5, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+    }
+    _torchrun([os.path.join(REPO, "run_retrieval.py"), write_config(tmp_path / "eval2.json", config)], tmp_path)
+    two = json.loads((tmp_path / "eval2" / "eval_results.json").read_text())
+    one = run_retrieval.main([write_config(tmp_path / "eval1.json", {**config, "output_dir": str(tmp_path / "eval1")})])
+    for name, value in two.items():
+        if not name.endswith(("runtime", "per_second")):
+            assert value == pytest.approx(one[name], abs=1e-6), name
+
+
+def test_two_process_training_runs_to_the_end(tmp_path, synthetic_dir):
+    config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=16)
+    result = _torchrun([os.path.join(REPO, "run_retrieval.py"), write_config(tmp_path / "run.json", config)], tmp_path)
+    assert "Process 0 of 2" in result.stdout + result.stderr
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 15  # 480 pairs / (16 per process x 2 processes)
+    assert all(math.isfinite(entry["loss"]) for entry in state["log_history"] if "loss" in entry)
+    assert json.loads((tmp_path / "out" / "test_results.json").read_text())["test_rsum"] >= 0
