@@ -125,8 +125,9 @@ class ImageKeyState:
     patch_directions: torch.Tensor  # (I, N, C) norm(P), no gradient
     self_scores: torch.Tensor  # (I, N) s_self = norm(P) . norm(mean(P)), no gradient
     cls: torch.Tensor | None  # (I, C) norm(c_v), None for towers without [CLS]
-    coordinates: torch.Tensor  # (I, N, N) P in an orthonormal basis of its row space: P = coordinates @ basis^T
     slot_weights: torch.Tensor  # (I, N, M) exp(patch-slot logits - per-image shift), unnormalised softmax numerators
+    # (I, N, M * N): slot_weights[i, k, m] * coordinates of P_k in an orthonormal basis of the image's patches
+    weighted_coordinates: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,13 +280,14 @@ class KeyTokenAlignmentHead(nn.Module):
                 )
             logger.debug("patch slot logits span %.1f: scoring this image chunk in %s", exponent_range, work_dtype)
         slot_weights = torch.exp(logits.to(work_dtype) - shift.to(work_dtype))  # (I, N, M)
+        weighted_coordinates = slot_weights[..., None] * coordinates.to(work_dtype)[:, :, None, :]  # (I, N, M, N)
         return ImageKeyState(
             patches=patches.to(work_dtype),
             patch_directions=patch_directions.to(work_dtype),
             self_scores=self_scores.to(work_dtype),
             cls=None if cls is None else F.normalize(cls, dim=-1).to(work_dtype),
-            coordinates=coordinates.to(work_dtype),
             slot_weights=slot_weights,
+            weighted_coordinates=weighted_coordinates.flatten(2),
         )
 
     # -- pairs -------------------------------------------------------------------------------------------------
@@ -316,8 +318,7 @@ class KeyTokenAlignmentHead(nn.Module):
         numerators = torch.bmm(word_patch.view(num_images, num_patches, -1).transpose(1, 2), slot_weights)
         numerators = numerators.view(num_images, num_texts, num_keys, num_slots)  # (I, T, J, M)
         # ... and norms ||sum_k keep_k e_km P_k|| from the N-dimensional coordinates of the patches
-        weighted_coordinates = slot_weights[..., None] * image.coordinates[:, :, None, :]  # (I, N, M, N)
-        slot_coordinates = torch.bmm(keep, weighted_coordinates.view(num_images, num_patches, -1))  # (I, T, M*N)
+        slot_coordinates = torch.bmm(keep, image.weighted_coordinates)  # (I, T, M*N)
         slot_norms = torch.linalg.vector_norm(slot_coordinates.view(num_images, num_texts, num_slots, -1), dim=-1)
         slot_sim = numerators / slot_norms.clamp_min(1e-12)[:, :, None, :]  # (I, T, J, M)
 

@@ -175,6 +175,10 @@ class DataArguments:
     horizontal_flip: bool = field(
         default=True, metadata={"help": "Random horizontal flips; turn off when captions say left/right."}
     )
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.6, 1.0],
+        metadata={"help": "Area range of the random resized crop (paper: 0.6 1.0); narrow it when captions say where."},
+    )
     caption_word_prob: float = field(default=0.2, metadata={"help": "Share of caption words altered in training."})
     caption_mask_prob: float = field(default=0.5, metadata={"help": "Of altered words: share made [MASK]."})
     caption_random_prob: float = field(default=0.1, metadata={"help": "Of altered words: share made random tokens."})
@@ -196,6 +200,8 @@ class DataArguments:
                 f"--dataset_name {self.dataset_name!r} is unknown; the built-in set is {SYNTHETIC_DATASET_NAME!r}. "
                 "Build Flickr30K or MSCOCO with dataset_scripts/build_retrieval_dataset.py and pass --dataset_dir."
             )
+        if len(self.crop_scale) != 2:
+            raise ValueError(f"--crop_scale takes two numbers (smallest and largest area share), got {self.crop_scale}.")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
 
@@ -219,11 +225,12 @@ class SCTATrainingArguments(TrainingArguments):
     remove_unused_columns: bool = False  # the collator builds the model's inputs
     ddp_find_unused_parameters: bool = False
     backbone_lr_scale: float = field(default=0.1, metadata={"help": "Learning rate of both towers' backbones, x lr."})
-    lr_decay_epochs: list[int] = field(
-        default_factory=lambda: [9, 15, 20, 25], metadata={"help": "Epochs at which every learning rate is decayed."}
+    lr_decay_epochs: list[float] = field(
+        default_factory=lambda: [9, 15, 20, 25],
+        metadata={"help": "Epochs at which every learning rate is decayed (fractions of an epoch allowed)."},
     )
     lr_decay_factor: float = field(default=0.3, metadata={"help": "Decay factor at each of lr_decay_epochs."})
-    vse_mean_warmup_epochs: int = field(
+    vse_mean_warmup_epochs: float = field(
         default=1, metadata={"help": "Epochs summing the hinge loss over all negatives before the hardest one only."}
     )
     embedding_warmup_epochs: int | None = field(
@@ -420,7 +427,7 @@ class SCTATrainer(Trainer):
             steps_per_epoch = self.update_steps_per_epoch()
             self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 optimizer if optimizer is not None else self.optimizer,
-                milestones=[epoch * steps_per_epoch for epoch in self.args.lr_decay_epochs],
+                milestones=[round(epoch * steps_per_epoch) for epoch in self.args.lr_decay_epochs],
                 gamma=self.args.lr_decay_factor,
             )
         return self.lr_scheduler
@@ -898,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataset = None
     if training_args.do_train:
         image_transform = ImageTrainTransform.from_image_processor(
-            processor.image_processor, horizontal_flip=data_args.horizontal_flip
+            processor.image_processor, horizontal_flip=data_args.horizontal_flip, scale=tuple(data_args.crop_scale)
         )
         caption_augmenter = CaptionAugmenter(
             processor.tokenizer,

@@ -1,7 +1,6 @@
 """SCTAModel: shapes, the batched head against the loop oracles, loss, gradients, save/load, remote code."""
 
 import json
-import math
 import os
 import subprocess
 import sys

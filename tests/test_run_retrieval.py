@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
 import run_retrieval
 from conftest import REPO, tiny_run_config, write_config

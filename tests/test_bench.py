@@ -1,0 +1,103 @@
+"""The benchmark scripts run end to end at tiny shapes (seconds), and their analytic counts are right."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import bench_similarity  # noqa: E402
+import bench_train_step  # noqa: E402
+import benchlib  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The benchmarks run with --threads 1 here: on a busy machine two OpenMP threads can stall each other for
+    seconds on these tiny shapes. The test process's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_similarity_benchmark_runs_and_matches_the_loop(tmp_path, one_thread):
+    path = tmp_path / "similarity.json"
+    results = bench_similarity.main(["--quick", "--no-isolate", "--bf16", "--sweep", "--json", str(path), *one_thread])
+    for case in ("eval", "train"):
+        summary = results["cases"][case]
+        assert {row["method"] for row in summary["rows"]} == {"batched", "loop", "batched_bf16"}
+        assert all(row["pairs_per_s"] > 0 and row["median_s"] > 0 for row in summary["rows"])
+        assert summary["within_tolerance"], summary["max_abs_diff_batched_vs_loop"]
+        assert summary["agrees_with_loop"]
+        assert summary["bf16"]["max_abs_score_diff"] < 0.5  # a sanity bound, not a precision claim
+    assert results["cases"]["train"]["max_abs_grad_diff_batched_vs_loop"] <= 1e-5
+    assert results["cases"]["eval"]["compared_captions"] == 40  # --quick loops over every caption
+    assert "recall_fp32" in results["cases"]["eval"]["bf16"]
+    assert len(results["sweep"]) == 4
+    saved = json.loads(path.read_text())
+    assert saved["cases"]["eval"]["rows"][0]["pairs"] == 8 * 40
+    assert saved["matmul_peak_gflops"]["fp32"] > 0
+
+
+def test_train_step_benchmark_runs_and_its_breakdown_adds_up(tmp_path, one_thread):
+    path = tmp_path / "train.json"
+    argv = ["--quick", "--no-isolate", "--variants", "fp32", "checkpointing", "--json", str(path), *one_thread]
+    results = bench_train_step.main(argv)
+    assert [run["variant"] for run in results["runs"]] == ["fp32", "checkpointing"]
+    for run in results["runs"]:
+        assert run["median_s"] > 0 and run["samples_per_s"] > 0
+        assert math.isfinite(run["losses"][0])
+        assert set(run["breakdown_s"]) == set(bench_train_step.BREAKDOWN_PARTS)
+        assert 0 < run["head_share_pct"] < 100
+        assert run["head_share_pct"] + run["towers_share_pct"] < 100  # the optimizer step is the rest
+    assert json.loads(path.read_text())["runs"][0]["batch_size"] == 8
+
+
+def test_flop_count_of_one_pair_by_hand():
+    job = {"embed_size": 512, "num_patches": 196, "patch_keep_ratio": 0.5, "patch_aggr_ratio": 0.3,
+           "word_keep_ratio": 0.75, "word_aggregation": True, "seed": 0}  # fmt: skip
+    head = bench_similarity.build_head(job)
+    n, c, m, h = 196, 512, 29, 102
+    keys = 1 + 9  # a caption of 14 tokens: floor(0.75 * 13) = 9 word slots, plus [CLS]
+    per_pair = 4 * n * c + 4 * c * keys + 2 * n * c * keys + 2 * n * keys * m + 2 * n * n * m + 2 * n * m
+    per_image = 2 * n * (c * h + h * m) + 2 * n * n * c
+    per_caption = 2 * 13 * (c * h + h * 9) + 2 * 13 * 9 * c
+    assert bench_similarity.batched_head_flops(head, [14], 1) == pytest.approx(per_pair + per_image + per_caption)
+    # about 4.8 MFLOP per pair at these shapes, under a third of the loop's
+    assert 4.5e6 < per_pair < 5.0e6
+    assert bench_similarity.loop_flops(head, [14], 1) > 3 * per_pair
+
+
+def test_peak_memory_sees_an_allocation_and_caption_file_errors_name_the_fix(tmp_path):
+    with benchlib.PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if memory.rss_method.startswith("VmHWM"):
+        assert memory.growth_rss_mb > 48
+    with pytest.raises(FileNotFoundError, match="--captions-file"):
+        benchlib.caption_token_counts(tmp_path / "missing.txt")
+    (tmp_path / "caps.txt").write_text("a dog runs\n\n" + " ".join(["word"] * 200) + "\n")
+    assert benchlib.caption_token_counts(tmp_path / "caps.txt") == [5, benchlib.EVAL_MAX_CAPTION_TOKENS]
+
+
+def test_a_real_disagreement_with_the_loop_is_not_excused_as_a_near_tie():
+    args = bench_similarity.parse_args(["--quick"])
+    job = bench_similarity.case_jobs(args, "eval", [12, 14, 16, 20])
+    head = bench_similarity.build_head(job)
+    loop = {"scores": torch.zeros(job["images"], len(job["lengths"]))}
+    batched = {"scores": loop["scores"].clone()}
+    batched["scores"][3, 5] = 1e-3
+    comparison = bench_similarity.compare_with_loop(job, batched, loop, head)
+    assert comparison["pairs_beyond_tolerance"] == 1 and not comparison["within_tolerance"]
+    (pair,) = comparison["beyond_tolerance_pairs"]
+    assert (pair["image"], pair["caption"]) == (3, 5) and pair["selection_gap"] > 0
+    # random inputs have no exact tie at the top-K boundary here, so the difference stays an error
+    assert pair["selection_gap"] >= bench_similarity.NEAR_TIE
+    assert not comparison["agrees_with_loop"]
