@@ -2,9 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from transformers import AutoModel, BertModel, ViTModel
 from configuration_scta import SCTAConfig
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel, hinge_loss_one_direction, scta_loss
 from reference_scta import reference_similarity, reference_similarity_loop
+from fresh_process import run_without_project
 from tiny_models import random_text_batch, tiny_bert_config, tiny_scta_config, tiny_vit_config
 
 
@@ -426,25 +424,17 @@ def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
         expected = tester.model(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image
     inputs = {"pixel_values": tester.pixel_values, "input_ids": tester.input_ids, "attention_mask": tester.attention_mask}
     save_file(inputs, tmp_path / "inputs.safetensors")
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, sys, torch
+    script = f"""
+        import torch
         from safetensors.torch import load_file, save_file
         from transformers import AutoModel
-        assert importlib.util.find_spec("modeling_scta") is None, "the project must not be importable here"
         model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
             scores = model(**load_file({str(tmp_path / 'inputs.safetensors')!r})).logits_per_image
         save_file({{"scores": scores.contiguous()}}, {str(tmp_path / 'scores.safetensors')!r})
         """
-    )
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=work_dir, env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_project(script, work_dir)
     scores = load_file(tmp_path / "scores.safetensors")["scores"]
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
 

@@ -1,13 +1,7 @@
 """Tests of processing_scta: image modes, tokenizer, processor round trips, augmentation, dataset views."""
 
-import importlib.util
 import io
 import logging
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -16,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fresh_process import run_without_project
 from processing_scta import (
     CaptionAugmenter,
     ImageEvalTransform,
@@ -248,34 +243,22 @@ def test_processor_save_load_round_trip(processor, tmp_path):
 
 def test_auto_processor_loads_in_a_process_without_the_project(processor, tmp_path):
     """A saved folder is self-contained remote code: AutoProcessor loads it where the repo is not importable."""
-    if importlib.util.find_spec("processing_scta").origin != str(
-        Path(__file__).resolve().parents[1] / "processing_scta.py"
-    ):
-        pytest.skip("processing_scta is installed in site-packages; a fresh process would import it from there")
     images, texts = _example_inputs()
     folder = tmp_path / "scta_processor"
     processor.save_pretrained(folder)
     save_file(dict(processor(images=images, text=texts, return_tensors="pt")), tmp_path / "expected.safetensors")
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, PIL.Image
+    script = f"""
+        import PIL.Image
         from safetensors.torch import save_file
         from transformers import AutoProcessor
-        assert importlib.util.find_spec("processing_scta") is None, "the project must not be importable here"
         processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(processor).__name__ == "SCTAProcessor"
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
         images = [PIL.Image.new("RGB", (50, 40), (10, 200, 30)), PIL.Image.new("L", (33, 33), 99)]
         batch = processor(images=images, text={texts!r}, return_tensors="pt")
         save_file(dict(batch), {str(tmp_path / "actual.safetensors")!r})
         """
-    )
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment["HF_HUB_OFFLINE"] = "1"
-    environment["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_project(script, tmp_path)
     expected, actual = load_file(tmp_path / "expected.safetensors"), load_file(tmp_path / "actual.safetensors")
     assert set(actual) == set(expected) == {"pixel_values", "input_ids", "attention_mask"}
     for key in expected:

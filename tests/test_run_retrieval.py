@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ import transformers
 
 import run_retrieval
 from conftest import REPO, tiny_run_config, write_config
+from fresh_process import run_without_project
 from run_retrieval import (
     SCTATrainer,
     SCTATrainingArguments,
@@ -199,18 +199,6 @@ def test_model_card_has_results_settings_and_usage(trained_run):
     assert "trust_remote_code=True" in card and 'revision="<commit sha>"' in card
 
 
-def _run_in_fresh_process(script: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run Python code where the project is not importable (no repo on sys.path, cwd elsewhere)."""
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "modules"))
-    script = "import importlib.util\nassert importlib.util.find_spec('modeling_scta') is None\n" + textwrap.dedent(script)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
 LOAD_AND_SCORE = """
     import json, sys, torch
     from PIL import Image
@@ -242,7 +230,7 @@ def _scores_here(folder: Path) -> torch.Tensor:
 
 
 def test_output_folder_loads_in_a_fresh_process_with_remote_code(trained_run, tmp_path):
-    result = _run_in_fresh_process(LOAD_AND_SCORE.format(folder=str(trained_run.output_dir)), tmp_path)
+    result = run_without_project(LOAD_AND_SCORE.format(folder=str(trained_run.output_dir)), tmp_path)
     scores = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(scores, _scores_here(trained_run.output_dir), atol=1e-5, rtol=0)
 
@@ -304,7 +292,7 @@ def test_push_to_hub_uploads_a_folder_that_loads_in_a_fresh_process(tmp_path, sy
     pushed = tmp_path / "hub" / "someone" / "scta-tiny"
     assert {"model.safetensors", "modeling_scta.py", "processing_scta.py", "README.md"} <= set(os.listdir(pushed))
     assert not any(name.startswith("checkpoint-") for name in os.listdir(pushed))
-    result = _run_in_fresh_process(LOAD_AND_SCORE.format(folder=str(pushed)), tmp_path)
+    result = run_without_project(LOAD_AND_SCORE.format(folder=str(pushed)), tmp_path)
     scores = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(scores, _scores_here(tmp_path / "out"), atol=1e-5, rtol=0)
 
