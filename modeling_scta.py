@@ -401,7 +401,7 @@ def default_chunk_sizes(device: torch.device) -> tuple[int, int]:
     """(images, captions) per block of pairs; chosen with `bench/bench_similarity.py` (see bench/RESULTS.md)."""
     if device.type == "cuda":
         return 64, 1024
-    return 16, 256
+    return 16, 128
 
 
 def max_mean_alignment(similarities: torch.Tensor, key_mask: torch.Tensor, negative_slope: float) -> torch.Tensor:

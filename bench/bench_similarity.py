@@ -42,8 +42,8 @@ Memory is bounded by the chunk size, not by the number of pairs. The head scores
 (`image_chunk_size` x `text_chunk_size`); inside a block the largest intermediates are, per pair, the patch
 scores / keep mask / fusion weights (3N), the text-key x patch products and their kept-masked copy (2NJ), the
 slot coordinates (MN) and the key-token similarities (~3J(M+2)); per image, the weighted coordinates (N^2 M).
-So a block needs about 4 bytes x [I T (3N + 2NJ + MN + 3J(M+2) + C) + I N^2 (M + 1)] (`block_memory_mb`, ~300 MB
-for the CPU default 16 x 256 at J = 16), whatever the totals; only the (B_img, B_txt) score matrix grows with
+So a block needs about 4 bytes x [I T (3N + 2NJ + MN + 3J(M+2) + C) + I N^2 (M + 1)] (`block_memory_mb`, ~180 MB
+for the CPU default 16 x 128 at J = 16), whatever the totals; only the (B_img, B_txt) score matrix grows with
 them. Under grad, each block is checkpointed: only its inputs and its (I, T) scores are kept, and the backward
 recomputes one block at a time. `--sweep` measures time and peak memory over chunk shapes.
 
