@@ -846,6 +846,22 @@ def parse_arguments(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def check_launch(training_args: TrainingArguments) -> None:
+    """
+    Fail fast when a launcher started several processes that would each train alone into the same output_dir.
+
+    Without a GPU, the Trainer joins a process group only with `--use_cpu`; otherwise each process of
+    `torchrun --nproc_per_node 2` runs as "process 0 of 1".
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        raise ValueError(
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}), but the Trainer runs each of them "
+            f"alone on {training_args.device}, so they would train separately into the same output_dir. Without "
+            "GPUs, add --use_cpu to the script's arguments so that the processes join one gloo process group."
+        )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_arguments(argv)
 
@@ -863,6 +879,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info(
         "Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device
     )
+    check_launch(training_args)
     transformers.set_seed(training_args.seed)
 
     # 2. Resuming: the newest complete checkpoint, never one cut off mid-write.

@@ -22,6 +22,7 @@ from fresh_process import run_without_project
 from run_retrieval import (
     SCTATrainer,
     SCTATrainingArguments,
+    check_launch,
     format_results,
     recall_summary,
     retrieval_eval_loss,
@@ -370,3 +371,13 @@ def test_two_process_training_runs_to_the_end(tmp_path, synthetic_dir):
     assert state["global_step"] == 15  # 480 pairs / (16 per process x 2 processes)
     assert all(math.isfinite(entry["loss"]) for entry in state["log_history"] if "loss" in entry)
     assert json.loads((tmp_path / "out" / "test_results.json").read_text())["test_rsum"] >= 0
+
+
+def test_processes_that_would_train_separately_are_refused(monkeypatch):
+    """`torchrun --nproc_per_node 2` without GPUs and without --use_cpu starts 2 independent 1-process runs."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2.*--use_cpu"):
+        check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
+    check_launch(SimpleNamespace(world_size=2, device=torch.device("cpu")))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
