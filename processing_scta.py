@@ -486,11 +486,29 @@ SCTAProcessor.register_for_auto_class("AutoProcessor")
 
 
 def decode_image(data: bytes) -> PIL.Image.Image:
-    """Decode image bytes fully (`load()`), treating Pillow's decompression-bomb warning as an error."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
+    """Decode image bytes fully (`load()`), treating Pillow's decompression-bomb warning as an error.
+
+    The one test of "this image is usable", shared by the dataset builder and the dataset views.
+
+    Raises:
+        ValueError: saying why: not an image file Pillow can read, over the
+            decompression-bomb limit, or not decodable (truncated or corrupt).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data))
+            image.load()
+    except PIL.UnidentifiedImageError as error:
+        raise ValueError("not an image file Pillow can read") from error
+    except (PIL.Image.DecompressionBombWarning, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"over Pillow's decompression-bomb limit of {PIL.Image.MAX_IMAGE_PIXELS} pixels ({error})"
+        ) from error
+    # Pillow reports broken files with many exception types (OSError for truncation, SyntaxError,
+    # ValueError, struct.error, ...); any of them means the image cannot be used.
+    except Exception as error:
+        raise ValueError(f"cannot be decoded ({type(error).__name__}: {error})") from error
     return image
 
 
@@ -523,16 +541,12 @@ class _SplitImages:
                 return decode_image(stored["bytes"])
             with open(stored["path"], "rb") as file:
                 return decode_image(file.read())
-        except (
-            OSError,
-            ValueError,
-            TypeError,
-            PIL.Image.DecompressionBombWarning,
-            PIL.Image.DecompressionBombError,
-        ) as error:
+        except (OSError, TypeError) as error:  # the stored path cannot be read
             raise ValueError(
-                f"Cannot decode the image of {self.describe(row)}: {type(error).__name__}: {error}"
+                f"Cannot read the image of {self.describe(row)}: {type(error).__name__}: {error}"
             ) from error
+        except ValueError as error:
+            raise ValueError(f"Cannot decode the image of {self.describe(row)}: {error}") from error
 
 
 def _captions_of(split, images: _SplitImages) -> list[list[str]]:

@@ -45,13 +45,14 @@ import json
 import logging
 import multiprocessing
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import PIL.Image
 from tqdm.auto import tqdm
+
+from dataset_scripts import FEATURES
+from processing_scta import decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +68,6 @@ KARPATHY_JSON_CAPTIONS_PER_IMAGE = 5
 DATASET_NAMES = {"f30k": "Flickr30K", "coco": "MSCOCO"}
 # How many offending items an error message or log line lists.
 MAX_LISTED = 5
-
-FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "image_id": datasets.Value("int64"),
-        "filename": datasets.Value("string"),
-        "captions": datasets.List(datasets.Value("string")),
-    }
-)
-
 
 @dataclass
 class ImageRecord:
@@ -269,18 +260,12 @@ def find_image_problem(path: str) -> str | None:
     if os.path.getsize(path) == 0:
         return "zero-byte file"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(path) as image:
-                image.load()
-    except PIL.UnidentifiedImageError:
-        return "not an image file Pillow can read"
-    except (PIL.Image.DecompressionBombWarning, PIL.Image.DecompressionBombError) as error:
-        return f"over Pillow's decompression-bomb limit of {PIL.Image.MAX_IMAGE_PIXELS} pixels ({error})"
-    # Pillow reports broken files with many exception types (OSError for truncation, SyntaxError,
-    # ValueError, struct.error, ...); any of them means the file cannot be used.
-    except Exception as error:
-        return f"cannot be decoded ({type(error).__name__}: {error})"
+        with open(path, "rb") as file:
+            decode_image(file.read())
+    except OSError as error:
+        return f"cannot be read ({type(error).__name__}: {error})"
+    except ValueError as error:
+        return str(error)
     return None
 
 

@@ -24,7 +24,7 @@ What is in it, and why:
   red square"), so retrieval needs the binding of attributes, not just their
   presence. Captions never say left/right of each other, only absolute
   positions; train without horizontal flips (they would contradict "left").
-- Default sizes: train 8,000 images (40,000 pairs: about 25 s of generation
+- Default sizes: train 8,000 images (40,000 pairs: about 10 s of generation
   on 2 cores, enough variety that the 1,000 test images are mostly
   combinations not seen in training), dev 500, test 1,000 (5,000 captions,
   the size of the Flickr30K test).
@@ -42,6 +42,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import PIL.Image
+
+from dataset_scripts import FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -295,14 +297,6 @@ def _generate_split(split: str, num_images: int, seed: int, image_size: int, poo
     jobs = [(scene, image_size, (seed, split_index, index)) for index, scene in enumerate(scenes)]
     png_images = pool.map(_render_png, jobs, chunksize=64) if pool else [_render_png(job) for job in jobs]
     image_ids = [split_index * SPLIT_ID_OFFSET + index for index in range(num_images)]
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "image_id": datasets.Value("int64"),
-            "filename": datasets.Value("string"),
-            "captions": datasets.List(datasets.Value("string")),
-        }
-    )
     description = (
         f"Synthetic shapes retrieval set, {split} split (seed {seed}, {image_size}x{image_size} images): "
         f"{num_images} images, {CAPTIONS_PER_IMAGE} captions each. Made by dataset_scripts/synthetic_shapes.py."
@@ -314,7 +308,7 @@ def _generate_split(split: str, num_images: int, seed: int, image_size: int, poo
             "filename": [f"{split}/{image_id:07d}.png" for image_id in image_ids],
             "captions": captions,
         },
-        info=datasets.DatasetInfo(description=description, features=features),
+        info=datasets.DatasetInfo(description=description, features=FEATURES),
         split=split,
     )
 
