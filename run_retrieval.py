@@ -28,6 +28,7 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 import transformers
 from torch.utils.data import DataLoader, Subset
@@ -369,15 +370,20 @@ def format_results(metrics: dict, prefix: str) -> str:
 # 3. The trainer
 
 
+# The autograd all-gather of functional collectives (its backward is a summing reduce-scatter); older torch
+# releases call it all_gather_tensor_autograd.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
 def _all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every process's `tensor` (sizes may differ along dim 0), with gradient flowing back to its owner."""
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     largest = int(max(sizes))
-    padded = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, largest - tensor.shape[0]])
-    gathered = torch.distributed.nn.functional.all_gather(padded)
-    return [part[: int(n)] for part, n in zip(gathered, sizes)]
+    padded = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, largest - tensor.shape[0]]).contiguous()
+    gathered = _all_gather_autograd(padded, 0, dist.group.WORLD)  # (world_size * largest, ...)
+    return [part[: int(n)] for part, n in zip(gathered.chunk(len(sizes)), sizes)]
 
 
 class SCTATrainer(Trainer):
@@ -994,5 +1000,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return results
 
 
+def leave_process_group() -> None:
+    """
+    Leave the process group together, at the end of a multi-process run. A process that exits while another still
+    holds a connection to it can make gloo abort the other ("Connection closed by peer", SIGABRT).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    leave_process_group()

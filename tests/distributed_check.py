@@ -18,7 +18,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch  # noqa: E402
 
 from modeling_scta import SCTAModel, scta_loss  # noqa: E402
-from run_retrieval import SCTATrainer, SCTATrainingArguments  # noqa: E402
+from run_retrieval import SCTATrainer, SCTATrainingArguments, leave_process_group  # noqa: E402
 from tiny_models import random_text_batch, tiny_scta_config  # noqa: E402
 
 
@@ -78,13 +78,14 @@ def main(output_json: str) -> None:
         scale = max(float(p.grad.abs().max()) for p in reference.parameters())
         report[phase] = {
             "loss": float(total),
-            "expected_loss": float(expected),
+            "expected_loss": float(expected.detach()),
             "max_gradient_error": gradient_error,
             "max_gradient": scale,
         }
     if rank == 0:
         with open(output_json, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=2)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -332,9 +332,15 @@ def _torchrun(arguments: list[str], cwd, timeout: int = 600) -> subprocess.Compl
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    # faulthandler and C++ stack traces: a crash (seen once on CI: SIGABRT in a worker) says where it happened
+    environment = {
+        **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO,
+        "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1",
+    }
     result = subprocess.run(command + arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    if result.returncode != 0:  # all of it, for a failure seen only on another machine
+        print(f"torchrun exited with {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+    assert result.returncode == 0, f"torchrun exited with {result.returncode}; its output is under 'Captured stdout call'"
     return result
 
 
