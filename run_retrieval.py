@@ -14,6 +14,8 @@ from pretrained towers (`--vision_model_name_or_path`, `--text_model_name_or_pat
 Sections: 1. arguments, 2. retrieval metrics, 3. the trainer, 4. data, processor and model, 5. main.
 """
 
+import bisect
+import functools
 import json
 import logging
 import math
@@ -34,7 +36,8 @@ import transformers
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, speed_metrics
+from transformers.training_args import OptimizerNames
 
 from configuration_scta import SCTAConfig
 from modeling_scta import SCTAModel, default_chunk_sizes, hinge_loss_one_direction, scta_loss
@@ -207,6 +210,10 @@ class DataArguments:
             raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
 
 
+# The optimiser names that mean torch.optim.AdamW (the default depends on the torch version).
+ADAMW_NAMES = {OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED}
+
+
 @dataclass
 class SCTATrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's recipe as defaults, plus SCTA's schedule settings."""
@@ -231,6 +238,13 @@ class SCTATrainingArguments(TrainingArguments):
         metadata={"help": "Epochs at which every learning rate is decayed (fractions of an epoch allowed)."},
     )
     lr_decay_factor: float = field(default=0.3, metadata={"help": "Decay factor at each of lr_decay_epochs."})
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={
+            "help": "Not used: the schedule is a linear warmup over --warmup_steps, then step decay at "
+            "--lr_decay_epochs. Any value but the default is an error."
+        },
+    )
     vse_mean_warmup_epochs: float = field(
         default=1, metadata={"help": "Epochs summing the hinge loss over all negatives before the hardest one only."}
     )
@@ -251,6 +265,18 @@ class SCTATrainingArguments(TrainingArguments):
             raise ValueError(f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}.")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
+        if self.lr_scheduler_type != SchedulerType.LINEAR or self.lr_scheduler_kwargs:
+            raise ValueError(
+                f"--lr_scheduler_type {SchedulerType(self.lr_scheduler_type).value} / --lr_scheduler_kwargs are not "
+                "used by SCTA training: the learning rate warms up linearly over --warmup_steps, then is multiplied "
+                "by --lr_decay_factor at each of --lr_decay_epochs. Set those instead."
+            )
+        if self.optim not in ADAMW_NAMES:
+            raise ValueError(
+                f"--optim {self.optim.value if hasattr(self.optim, 'value') else self.optim} is not used by SCTA "
+                f"training, which runs torch.optim.AdamW (the paper's optimiser); leave --optim unset or use one of "
+                f"{sorted(name.value for name in ADAMW_NAMES)}."
+            )
 
 
 # ================================================================================================================
@@ -370,6 +396,12 @@ def format_results(metrics: dict, prefix: str) -> str:
 # 3. The trainer
 
 
+def warmup_step_decay(step: int, warmup_steps: int, decay_steps: list[int], decay_factor: float) -> float:
+    """Learning-rate multiplier at `step`: `step / warmup_steps` during the warmup, x `decay_factor` per decay step passed."""
+    warmup = step / warmup_steps if step < warmup_steps else 1.0
+    return warmup * decay_factor ** bisect.bisect_right(decay_steps, step)
+
+
 # The autograd all-gather of functional collectives (its backward is a summing reduce-scatter); older torch
 # releases call it all_gather_tensor_autograd.
 _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
@@ -402,7 +434,10 @@ class SCTATrainer(Trainer):
     # -- optimisation ------------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        """AdamW; both towers' backbones at `learning_rate * backbone_lr_scale`, projections and head at `learning_rate`."""
+        """
+        AdamW (fused when `--optim adamw_torch_fused`, the default on recent torch); both towers' backbones at
+        `learning_rate * backbone_lr_scale`, projections and head at `learning_rate`.
+        """
         if self.optimizer is None:
             model = model if model is not None else self.model
             backbones, head = [], []
@@ -420,6 +455,7 @@ class SCTATrainer(Trainer):
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
                 weight_decay=self.args.weight_decay,
+                fused=self.args.optim == OptimizerNames.ADAMW_TORCH_FUSED,
             )
         return self.optimizer
 
@@ -428,13 +464,20 @@ class SCTATrainer(Trainer):
         return max(1, math.ceil(batches / self.args.gradient_accumulation_steps))
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """Every learning rate x `lr_decay_factor` at each epoch of `lr_decay_epochs` (step-wise, exact on resume)."""
+        """
+        A linear warmup from 0 over `warmup_steps` (none by default), then every learning rate x `lr_decay_factor`
+        at each epoch of `lr_decay_epochs`. Step-wise, so exact on resume.
+        """
         if self.lr_scheduler is None:
             steps_per_epoch = self.update_steps_per_epoch()
-            self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer if optimizer is not None else self.optimizer,
-                milestones=[round(epoch * steps_per_epoch) for epoch in self.args.lr_decay_epochs],
-                gamma=self.args.lr_decay_factor,
+            schedule = functools.partial(
+                warmup_step_decay,
+                warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                decay_steps=sorted(round(epoch * steps_per_epoch) for epoch in self.args.lr_decay_epochs),
+                decay_factor=self.args.lr_decay_factor,
+            )
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer if optimizer is not None else self.optimizer, schedule
             )
         return self.lr_scheduler
 

@@ -148,6 +148,29 @@ def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
     assert learning_rates[14] == pytest.approx(1e-3) and learning_rates[15] == pytest.approx(3e-4)
     assert learning_rates[44] == pytest.approx(3e-4) and learning_rates[45] == pytest.approx(9e-5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(9e-6)
+    assert optimizer.defaults["fused"] == (args.optim == "adamw_torch_fused")
+
+
+def test_linear_warmup_then_step_decay(tmp_path):
+    from modeling_scta import SCTAModel
+    from tiny_models import tiny_scta_config
+
+    args = SCTATrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, per_device_train_batch_size=32,
+        lr_decay_epochs=[1], lr_decay_factor=0.3, warmup_steps=10, optim="adamw_torch", report_to="none",
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+    )
+    trainer = SCTATrainer(model=SCTAModel(tiny_scta_config()), args=args, train_dataset=[None] * 480)
+    optimizer = trainer.create_optimizer()
+    scheduler = trainer.create_scheduler(num_training_steps=30, optimizer=optimizer)
+    learning_rates = []
+    for _ in range(30):
+        learning_rates.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert learning_rates[:11] == pytest.approx([i * 1e-4 for i in range(11)])
+    assert learning_rates[14] == pytest.approx(1e-3) and learning_rates[15] == pytest.approx(3e-4)
+    assert not optimizer.defaults["fused"]
 
 
 def test_papers_recipe_is_the_default(tmp_path):
@@ -317,6 +340,10 @@ def test_argument_errors_say_what_to_fix(tmp_path, synthetic_dir):
         run_retrieval.main([write_config(tmp_path / "d.json", {**base, "text_config": {"model_type": "gpt2"}})])
     with pytest.raises(ValueError, match="patch_keep_ratio=1.5 is out of range"):
         run_retrieval.main([write_config(tmp_path / "e.json", {**base, "patch_keep_ratio": 1.5})])
+    with pytest.raises(ValueError, match="--lr_scheduler_type cosine .* not used .*--warmup_steps.*--lr_decay_epochs"):
+        run_retrieval.main([write_config(tmp_path / "g.json", {**base, "lr_scheduler_type": "cosine"})])
+    with pytest.raises(ValueError, match=r"--optim adafactor is not used .*AdamW.*\['adamw_torch', 'adamw_torch_fused'\]"):
+        run_retrieval.main([write_config(tmp_path / "h.json", {**base, "optim": "adafactor"})])
     with pytest.raises(ValueError, match="--dataset_dir .* does not exist"):
         run_retrieval.main([write_config(tmp_path / "f.json", {**base, "dataset_dir": str(tmp_path / "nowhere")})])
 
