@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 import transformers
+from accelerate import PartialState
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
@@ -273,7 +274,7 @@ class SCTATrainingArguments(TrainingArguments):
             )
         if self.optim not in ADAMW_NAMES:
             raise ValueError(
-                f"--optim {self.optim.value if hasattr(self.optim, 'value') else self.optim} is not used by SCTA "
+                f"--optim {OptimizerNames(self.optim).value} is not used by SCTA "
                 f"training, which runs torch.optim.AdamW (the paper's optimiser); leave --optim unset or use one of "
                 f"{sorted(name.value for name in ADAMW_NAMES)}."
             )
@@ -1049,8 +1050,9 @@ def leave_process_group() -> None:
     holds a connection to it can make gloo abort the other ("Connection closed by peer", SIGABRT).
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        state = PartialState()  # the Trainer's; its barrier names each process's device, as NCCL wants
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":

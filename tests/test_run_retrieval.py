@@ -115,6 +115,17 @@ def test_results_table_lists_both_directions():
 # ---------------------------------------------------------------------------------------------- optimiser
 
 
+def _head_learning_rates(trainer, optimizer, num_steps: int) -> list[float]:
+    """The head group's learning rate at each of `num_steps` steps of the trainer's scheduler."""
+    scheduler = trainer.create_scheduler(num_training_steps=num_steps, optimizer=optimizer)
+    learning_rates = []
+    for _ in range(num_steps):
+        learning_rates.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return learning_rates
+
+
 def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
     from datasets import load_from_disk
 
@@ -138,13 +149,8 @@ def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
     assert isinstance(optimizer, torch.optim.AdamW)
     assert trainer.args.max_grad_norm == 2.0
 
-    scheduler = trainer.create_scheduler(num_training_steps=60, optimizer=optimizer)
     assert trainer.update_steps_per_epoch() == 15
-    learning_rates = []
-    for _ in range(60):
-        learning_rates.append(optimizer.param_groups[1]["lr"])
-        optimizer.step()
-        scheduler.step()
+    learning_rates = _head_learning_rates(trainer, optimizer, num_steps=60)
     assert learning_rates[14] == pytest.approx(1e-3) and learning_rates[15] == pytest.approx(3e-4)
     assert learning_rates[44] == pytest.approx(3e-4) and learning_rates[45] == pytest.approx(9e-5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(9e-6)
@@ -162,12 +168,7 @@ def test_linear_warmup_then_step_decay(tmp_path):
     )
     trainer = SCTATrainer(model=SCTAModel(tiny_scta_config()), args=args, train_dataset=[None] * 480)
     optimizer = trainer.create_optimizer()
-    scheduler = trainer.create_scheduler(num_training_steps=30, optimizer=optimizer)
-    learning_rates = []
-    for _ in range(30):
-        learning_rates.append(optimizer.param_groups[1]["lr"])
-        optimizer.step()
-        scheduler.step()
+    learning_rates = _head_learning_rates(trainer, optimizer, num_steps=30)
     assert learning_rates[:11] == pytest.approx([i * 1e-4 for i in range(11)])
     assert learning_rates[14] == pytest.approx(1e-3) and learning_rates[15] == pytest.approx(3e-4)
     assert not optimizer.defaults["fused"]
