@@ -14,6 +14,8 @@ VISION_TOWERS_WITH_CLS = ("vit", "dinov2")
 VISION_TOWERS_WITHOUT_CLS = ("swin", "swinv2")
 # Text towers that put a start token ([CLS] / <s>) first and an end token ([SEP] / </s>) last.
 TEXT_TOWERS = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+# How the global (one-vector) embeddings are pooled from the projected tokens.
+GLOBAL_POOLINGS = ("mean", "cls")
 
 
 @strict
@@ -49,6 +51,14 @@ class SCTAConfig(PreTrainedConfig):
             Negative slope of the leaky ReLU applied to token-to-token cosine similarities.
         margin (`float`, *optional*, defaults to 0.2):
             Margin of the hinge (triplet) ranking loss.
+        global_pooling (`str`, *optional*, defaults to `"mean"`):
+            How the one-vector global embeddings of the first retrieval stage are pooled from the projected
+            tokens: `"mean"` (image: the mean of the patch tokens; caption: the mean of its real tokens, the two
+            vectors the head's patch selection already uses) or `"cls"` (the projected [CLS] of both towers; an
+            image tower without [CLS] then uses the patch mean). Not part of the paper: see RETRIEVAL.md.
+        global_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of an auxiliary hinge loss on the cosine matrix of the global embeddings, added to the SCTA
+            loss so that the global embeddings become a good first retrieval stage. 0 reproduces the paper.
 
     Example:
 
@@ -79,6 +89,8 @@ class SCTAConfig(PreTrainedConfig):
     word_aggregation: bool = True
     alignment_negative_slope: float | int = 0.1
     margin: float | int = 0.2
+    global_pooling: str = "mean"
+    global_loss_weight: float | int = 0.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -138,6 +150,12 @@ class SCTAConfig(PreTrainedConfig):
                 f"text_config.model_type={text_type!r} is not a supported text tower. SCTA needs an encoder that "
                 f"puts a start token first and an end token last; supported: {', '.join(TEXT_TOWERS)}."
             )
+        max_positions = getattr(self.text_config, "max_position_embeddings", None)
+        if max_positions is not None and max_positions < 3:
+            raise ValueError(
+                f"text_config.max_position_embeddings={max_positions} leaves no room for a caption: SCTA needs at "
+                "least [CLS], one word and [SEP]. Use a text tower with more positions (BERT: 512)."
+            )
         if self.num_patches < 2:
             raise ValueError(
                 f"vision_config (image_size={self.vision_config.image_size}, "
@@ -162,6 +180,9 @@ class SCTAConfig(PreTrainedConfig):
         check("aggregator_hidden_ratio", self.aggregator_hidden_ratio, 0, math.inf, True, True)
         check("alignment_negative_slope", self.alignment_negative_slope, 0, 1, False, False)
         check("margin", self.margin, 0, math.inf, False, True)
+        check("global_loss_weight", self.global_loss_weight, 0, math.inf, False, True)
+        if self.global_pooling not in GLOBAL_POOLINGS:
+            raise ValueError(f"global_pooling={self.global_pooling!r} is not one of {', '.join(GLOBAL_POOLINGS)}.")
         if int(self.aggregator_hidden_ratio * self.embed_size) < 1:
             raise ValueError(
                 f"aggregator_hidden_ratio={self.aggregator_hidden_ratio} with embed_size={self.embed_size} gives an "

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 
 try:
@@ -55,6 +57,11 @@ def text_lengths(text_attention_mask: torch.Tensor) -> torch.Tensor:
     return lengths
 
 
+def cosine_similarity_matrix(image_vectors: torch.Tensor, text_vectors: torch.Tensor) -> torch.Tensor:
+    """`(B_img, C)`, `(B_txt, C)` -> `(B_img, B_txt)` cosine similarities."""
+    return F.normalize(image_vectors, dim=-1) @ F.normalize(text_vectors, dim=-1).t()
+
+
 def _spans(total: int, size: int):
     """Consecutive `slice`s of at most `size` covering `range(total)`."""
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
@@ -89,6 +96,11 @@ class SCTAOutput(ModelOutput):
             Share of patch tokens the selection keeps, `K / N`. The published "ratio loss"
             `(kept_patch_fraction - patch_keep_ratio) ** 2` is built from this hard count, so it is a constant
             without gradient; it is reported as a statistic, never trained on.
+        image_global_embeds (`torch.FloatTensor` of shape `(B_img, embed_size)`):
+            One vector per image (`config.global_pooling`), not normalised: the first stage of two-stage retrieval
+            compares them by cosine (`SCTAModel.global_similarity`).
+        text_global_embeds (`torch.FloatTensor` of shape `(B_txt, embed_size)`):
+            One vector per caption, likewise.
     """
 
     loss: torch.FloatTensor | None = None
@@ -97,24 +109,93 @@ class SCTAOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     kept_patch_fraction: torch.FloatTensor | None = None
+    image_global_embeds: torch.FloatTensor | None = None
+    text_global_embeds: torch.FloatTensor | None = None
 
 
 @dataclass
 class TextKeyTokens:
-    """Caption-side inputs of the head, computed once per caption."""
+    """
+    Caption-side inputs of the head for a block of captions, padded to the block's longest key-token count.
+    The leading dimensions are `(T,)` for captions shared by every image of a block, or `(I, T)` for captions
+    that belong to one image each (candidate pairs).
+    """
 
-    tokens: torch.Tensor  # (B_txt, J, C) L2-normalised text key tokens U
-    mask: torch.Tensor  # (B_txt, J) bool, True for real key tokens
-    query: torch.Tensor  # (B_txt, C) norm(mean of the real caption tokens), no gradient; drives patch selection
+    tokens: torch.Tensor  # (..., J, C) L2-normalised text key tokens U
+    mask: torch.Tensor  # (..., J) bool, True for real key tokens
+    query: torch.Tensor  # (..., C) norm(mean of the real caption tokens), no gradient; drives patch selection
 
-    def __getitem__(self, index) -> "TextKeyTokens":
-        """Select captions."""
-        return TextKeyTokens(self.tokens[index], self.mask[index], self.query[index])
 
-    def trimmed(self) -> "TextKeyTokens":
-        """Drop the key-token positions that are padding for every caption here."""
-        num_keys = int(self.mask.sum(-1).max())
-        return TextKeyTokens(self.tokens[:, :num_keys], self.mask[:, :num_keys], self.query)
+@dataclass
+class CaptionKeyTokens:
+    """
+    The caption side of the SCTA head for a corpus of captions, computed once (text tower, projection and word
+    aggregation) and reused for every image, every evaluation and every query. Stored ragged: caption `i` owns
+    `tokens[offsets[i]:offsets[i + 1]]`, so a corpus costs its real key tokens only.
+
+    Made by `SCTAModel.caption_key_tokens`; scored by `SCTAModel.score` / `SCTAModel.score_candidates`. Batches of
+    captions encoded separately join with `CaptionKeyTokens.cat`.
+    """
+
+    tokens: torch.Tensor  # (total key tokens, C) L2-normalised text key tokens, caption after caption
+    offsets: torch.Tensor  # (n + 1,) long, on the CPU
+    query: torch.Tensor  # (n, C) norm(mean of each caption's real tokens), drives the patch selection
+
+    def __len__(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def key_counts(self) -> torch.Tensor:
+        """`(n,)` number of key tokens of each caption."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @classmethod
+    def from_padded(cls, padded: TextKeyTokens) -> "CaptionKeyTokens":
+        """From the padded `(n, J, C)` key tokens of one batch (real keys first in every row)."""
+        counts = padded.mask.sum(-1).cpu()
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return cls(padded.tokens[padded.mask], offsets, padded.query)
+
+    @classmethod
+    def cat(cls, parts: "list[CaptionKeyTokens]") -> "CaptionKeyTokens":
+        """One corpus from several, captions in the order given."""
+        if not parts:
+            raise ValueError("CaptionKeyTokens.cat needs at least one part.")
+        starts = torch.tensor([0] + [int(part.offsets[-1]) for part in parts]).cumsum(0)
+        offsets = torch.cat([parts[0].offsets[:1]] + [part.offsets[1:] + start for part, start in zip(parts, starts)])
+        return cls(torch.cat([p.tokens for p in parts]), offsets, torch.cat([p.query for p in parts]))
+
+    def subset(self, caption_index: torch.Tensor) -> "CaptionKeyTokens":
+        """The captions `caption_index` `(n',)`, in that order, as a corpus of their own."""
+        caption_index = torch.as_tensor(caption_index).cpu().long()
+        counts = self.key_counts[caption_index]
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        # position of every kept key token in self.tokens
+        positions = torch.repeat_interleave(self.offsets[caption_index] - offsets[:-1], counts) + torch.arange(int(offsets[-1]))
+        device = self.tokens.device
+        return CaptionKeyTokens(self.tokens[positions.to(device)], offsets, self.query[caption_index.to(device)])
+
+    def to(self, *args, **kwargs) -> "CaptionKeyTokens":
+        """`Tensor.to` on the tokens (device and/or dtype); offsets stay on the CPU."""
+        return CaptionKeyTokens(self.tokens.to(*args, **kwargs), self.offsets, self.query.to(*args, **kwargs))
+
+    def select(self, caption_index: torch.Tensor) -> TextKeyTokens:
+        """
+        Padded key tokens of the captions `caption_index` (any shape `S`): tokens `(*S, J, C)`, mask `(*S, J)`,
+        query `(*S, C)`, with `J` the largest key count among them. Differentiable (a gather).
+        """
+        caption_index = caption_index.cpu()
+        if len(self) == 0 or caption_index.numel() == 0:
+            raise ValueError("select() needs at least one caption.")
+        starts, counts = self.offsets[caption_index], self.key_counts[caption_index]  # (*S,)
+        positions = starts[..., None] + torch.arange(int(counts.max()))  # (*S, J)
+        mask = positions < (starts + counts)[..., None]
+        positions = torch.where(mask, positions, starts[..., None])  # padding repeats a real token; masked anyway
+        device = self.tokens.device
+        # index_select: several times faster than advanced indexing for these row gathers on the CPU
+        tokens = self.tokens.index_select(0, positions.reshape(-1).to(device)).view(*positions.shape, -1)
+        query = self.query.index_select(0, caption_index.reshape(-1).to(device)).view(*caption_index.shape, -1)
+        return TextKeyTokens(tokens, mask.to(device), query)
 
 
 @dataclass
@@ -293,15 +374,20 @@ class KeyTokenAlignmentHead(nn.Module):
     # -- pairs -------------------------------------------------------------------------------------------------
 
     def block_scores(self, image: ImageKeyState, text: TextKeyTokens) -> torch.Tensor:
-        """Scores `(I, T)` of a block of I images against T captions (steps 1-6 for every pair)."""
+        """
+        Scores `(I, T)` of a block of I images against T captions (steps 1-6 for every pair): the same T captions
+        for every image (`text.tokens` of shape `(T, J, C)`), or T captions of each image's own (`(I, T, J, C)`).
+        """
         patches, slot_weights = image.patches, image.slot_weights  # (I, N, C), (I, N, M)
         num_images, num_patches, width = patches.shape
         num_slots = slot_weights.shape[-1]
-        key_tokens = text.tokens.to(patches.dtype)  # (T, J, C)
-        num_texts, num_keys, _ = key_tokens.shape
+        key_tokens = text.tokens.to(patches.dtype)  # (T, J, C) or (I, T, J, C)
+        shared = key_tokens.dim() == 3  # one caption block for every image
+        num_texts, num_keys = key_tokens.shape[-3:-1]
 
         with torch.no_grad():  # steps 1-2: selection scores carry no gradient
-            text_scores = torch.einsum("inc,tc->itn", image.patch_directions, text.query.to(patches.dtype))
+            query = text.query.to(patches.dtype)  # (T, C) or (I, T, C)
+            text_scores = torch.einsum("inc,tc->itn" if shared else "inc,itc->itn", image.patch_directions, query)
             patch_scores = image.self_scores[:, None, :] + text_scores  # (I, T, N)
             kept_index = patch_scores.topk(self.num_kept_patches, dim=-1, sorted=False).indices  # (I, T, K)
             keep = torch.zeros_like(patch_scores).scatter_(-1, kept_index, 1.0)  # (I, T, N) 0/1
@@ -310,10 +396,13 @@ class KeyTokenAlignmentHead(nn.Module):
 
         # step 2: fused token of the dropped patches against every text key token
         fused = F.normalize(torch.bmm(fuse_weights, patches), dim=-1)  # (I, T, C)
-        fused_sim = torch.einsum("itc,tjc->itj", fused, key_tokens)  # (I, T, J)
+        fused_sim = torch.einsum("itc,tjc->itj" if shared else "itc,itjc->itj", fused, key_tokens)  # (I, T, J)
 
         # step 3: aggregated slots. Numerators u_j . sum_k keep_k e_km P_k from all u . P_k at once
-        word_patch = torch.matmul(patches, key_tokens.reshape(num_texts * num_keys, width).t())  # (I, N, T*J)
+        if shared:
+            word_patch = torch.matmul(patches, key_tokens.reshape(num_texts * num_keys, width).t())  # (I, N, T*J)
+        else:
+            word_patch = torch.bmm(patches, key_tokens.reshape(num_images, num_texts * num_keys, width).transpose(1, 2))
         word_patch = word_patch.view(num_images, num_patches, num_texts, num_keys) * keep.transpose(1, 2)[..., None]
         numerators = torch.bmm(word_patch.view(num_images, num_patches, -1).transpose(1, 2), slot_weights)
         numerators = numerators.view(num_images, num_texts, num_keys, num_slots)  # (I, T, J, M)
@@ -325,7 +414,8 @@ class KeyTokenAlignmentHead(nn.Module):
         # step 4: image key tokens [c_v; A_v; f]
         columns = [slot_sim, fused_sim[..., None]]
         if image.cls is not None:
-            columns.insert(0, torch.einsum("tjc,ic->itj", key_tokens, image.cls)[..., None])
+            cls_sim = torch.einsum("tjc,ic->itj" if shared else "itjc,ic->itj", key_tokens, image.cls)
+            columns.insert(0, cls_sim[..., None])
         similarities = torch.cat(columns, dim=-1)  # (I, T, J, M + 1 [+ 1])
         return max_mean_alignment(similarities, text.mask, self.negative_slope)
 
@@ -348,53 +438,181 @@ class KeyTokenAlignmentHead(nn.Module):
                 f"text_attention_mask has shape {tuple(text_attention_mask.shape)}, text tokens "
                 f"{tuple(text_tokens.shape)}; they must agree on (batch, length)."
             )
-        default_images, default_texts = default_chunk_sizes(image_tokens.device)
+        if image_tokens.shape[0] == 0 or text_tokens.shape[0] == 0:
+            self.split_image_tokens(image_tokens)
+            return image_tokens.new_zeros(image_tokens.shape[0], text_tokens.shape[0])
+        captions = self.caption_key_tokens(text_tokens, text_attention_mask)
+        return self.score(image_tokens, captions, image_chunk_size, text_chunk_size)
+
+    def caption_key_tokens(self, text_tokens: torch.Tensor, text_attention_mask: torch.Tensor) -> CaptionKeyTokens:
+        """The caption side of every pair, once per caption: `(B_txt, L, C)` projected tokens -> key tokens."""
+        return CaptionKeyTokens.from_padded(self.text_key_tokens(text_tokens, text_attention_mask))
+
+    def score(
+        self,
+        image_tokens: torch.Tensor,
+        captions: CaptionKeyTokens,
+        image_chunk_size: int | None = None,
+        text_chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """
+        Scores `(B_img, n)` of every image against every caption of `captions`, in blocks of
+        `image_chunk_size x text_chunk_size` pairs. Captions are grouped by key-token count so that little of a
+        block is padding; the result is in the captions' order. `image_tokens` may be stored in another dtype
+        (float16 in an index) or on the CPU: each chunk is moved to the head's device and dtype.
+        """
+        image_chunk_size, text_chunk_size = self._chunk_sizes(captions.tokens.device, image_chunk_size, text_chunk_size)
+        self.split_image_tokens(image_tokens[:0])  # shape check before any work
+        device, dtype = captions.tokens.device, captions.tokens.dtype
+        order = captions.key_counts.argsort(stable=True)
+        blocks = [captions.select(order[span]) for span in _spans(len(order), text_chunk_size)]
+        recompute = torch.is_grad_enabled()  # keep memory to one block during training
+        rows = []
+        for image_span in tqdm(_spans(image_tokens.shape[0], image_chunk_size), desc="Scoring pairs", disable=not progress):
+            chunk = image_tokens[image_span].to(device=device, dtype=dtype)
+            if recompute:
+                row = [
+                    checkpoint(self._score_tokens, chunk, b.tokens, b.mask, b.query, use_reentrant=False) for b in blocks
+                ]
+            else:
+                image = self.image_key_state(chunk)  # once per image, for every block
+                row = [self.block_scores(image, b) for b in blocks]
+            rows.append(torch.cat(row, dim=1))
+        sorted_scores = torch.cat(rows, dim=0) if rows else image_tokens.new_zeros(0, len(captions), dtype=dtype)
+        return sorted_scores.index_select(1, order.argsort().to(device))  # captions back in input order
+
+    def score_pairs(
+        self,
+        image_tokens: torch.Tensor,
+        captions: CaptionKeyTokens,
+        image_index: torch.Tensor,
+        caption_index: torch.Tensor,
+        image_chunk_size: int | None = None,
+        text_chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """
+        Scores of the pairs `(image_tokens[image_index[p]], captions[caption_index[p]])`, `(P,)`, computing no
+        other pair. Equal to the same entries of `score` (same arithmetic per pair). Pairs are grouped by image;
+        each block holds up to `image_chunk_size` images with up to `text_chunk_size` of their captions each.
+        """
+        image_chunk_size, text_chunk_size = self._chunk_sizes(captions.tokens.device, image_chunk_size, text_chunk_size)
+        self.split_image_tokens(image_tokens[:0])
+        device, dtype = captions.tokens.device, captions.tokens.dtype
+        scores = torch.empty(len(image_index), device=device, dtype=dtype)
+        blocks = pair_blocks(image_index, caption_index, captions.key_counts, image_chunk_size, text_chunk_size)
+        for block_images, block_captions, valid, pairs in tqdm(blocks, desc="Scoring candidates", disable=not progress):
+            chunk = image_tokens.index_select(0, block_images.to(image_tokens.device)).to(device=device, dtype=dtype)
+            block = self.block_scores(self.image_key_state(chunk), captions.select(block_captions))  # (I, T)
+            scores[pairs.to(device)] = block[valid.to(device)]
+        return scores
+
+    # -- caption-independent variant (a cheap middle retrieval stage) -----------------------------------------
+
+    def independent_image_keys(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """
+        Image key tokens `V = norm([c_v; A_v; f])`, `(I, M + 1 [+ 1], C)`, with the patch selection driven by
+        `s_self` alone (METHOD.md step 1 without `s_text`). They no longer depend on the caption, so they can be
+        computed once per image and stored; `independent_scores` then scores a pair by the alignment alone.
+        Equal to the head with a zero text query (tested). Not the paper's score: RETRIEVAL.md "middle stage".
+        """
+        cls, patches = self.split_image_tokens(image_tokens)  # (I, C) or None, (I, N, C)
+        with torch.no_grad():
+            self_scores = torch.einsum("inc,ic->in", F.normalize(patches, dim=-1), F.normalize(patches.mean(1), dim=-1))
+            kept_index = self_scores.topk(self.num_kept_patches, dim=-1).indices  # (I, K)
+            keep = torch.zeros_like(self_scores).scatter_(-1, kept_index, 1.0).bool()  # (I, N)
+        logits = self.patch_aggregator(patches).masked_fill(~keep[..., None], -math.inf)  # (I, N, M)
+        slots = torch.einsum("inm,inc->imc", logits.softmax(dim=1), patches)  # (I, M, C)
+        fused = torch.einsum("in,inc->ic", self_scores.masked_fill(keep, -math.inf).softmax(-1), patches)  # (I, C)
+        keys = [slots, fused[:, None]]
+        if cls is not None:
+            keys.insert(0, cls[:, None])
+        return F.normalize(torch.cat(keys, dim=1), dim=-1)  # (I, M + 1 [+ 1], C)
+
+    def independent_scores(self, image_keys: torch.Tensor, text: TextKeyTokens) -> torch.Tensor:
+        """
+        Alignment scores of precomputed `independent_image_keys` `(I, V, C)` against text key tokens: `(T, J, C)`
+        shared by every image, or `(I, T, J, C)` each image's own captions -> `(I, T)`.
+        """
+        equation = "tjc,ivc->itjv" if text.tokens.dim() == 3 else "itjc,ivc->itjv"  # (I, T, J, V)
+        similarities = torch.einsum(equation, text.tokens.to(image_keys.dtype), image_keys)
+        return max_mean_alignment(similarities, text.mask, self.negative_slope)
+
+    def independent_pair_scores(
+        self,
+        image_keys: torch.Tensor,
+        captions: CaptionKeyTokens,
+        image_index: torch.Tensor,
+        caption_index: torch.Tensor,
+        image_chunk_size: int = 64,
+        text_chunk_size: int = 256,
+    ) -> torch.Tensor:
+        """`independent_scores` of the pairs `(image_keys[image_index[p]], captions[caption_index[p]])`, `(P,)`."""
+        scores = torch.empty(len(image_index), device=image_keys.device, dtype=image_keys.dtype)
+        for block_images, block_captions, valid, pairs in pair_blocks(
+            image_index, caption_index, captions.key_counts, image_chunk_size, text_chunk_size
+        ):
+            block_keys = image_keys.index_select(0, block_images.to(image_keys.device))
+            block = self.independent_scores(block_keys, captions.select(block_captions))
+            scores[pairs.to(scores.device)] = block[valid.to(scores.device)].to(scores.dtype)
+        return scores
+
+    def _chunk_sizes(self, device, image_chunk_size, text_chunk_size) -> tuple[int, int]:
+        default_images, default_texts = default_chunk_sizes(device)
         image_chunk_size = image_chunk_size or default_images
         text_chunk_size = text_chunk_size or default_texts
         if image_chunk_size < 1 or text_chunk_size < 1:
             raise ValueError(f"chunk sizes must be >= 1, got ({image_chunk_size}, {text_chunk_size}).")
-
-        text_blocks, order = self.text_key_blocks(text_tokens, text_attention_mask, text_chunk_size)
-        sorted_scores = self.score_text_blocks(image_tokens, text_blocks, image_chunk_size)
-        return sorted_scores.index_select(1, order.argsort())  # (B_img, B_txt), captions back in input order
-
-    def text_key_blocks(
-        self, text_tokens: torch.Tensor, text_attention_mask: torch.Tensor, text_chunk_size: int
-    ) -> tuple[list[TextKeyTokens], torch.Tensor]:
-        """
-        Text key tokens in blocks of at most `text_chunk_size` captions, sorted by key-token count so that little
-        of a block is padding.
-
-        Returns:
-            the blocks, and `order` `(B_txt,)`: block captions, concatenated, are `order` of the input's.
-        """
-        text = self.text_key_tokens(text_tokens, text_attention_mask)
-        order = text.mask.sum(-1).argsort(stable=True)
-        text = text[order]
-        return [text[span].trimmed() for span in _spans(len(order), text_chunk_size)], order
-
-    def score_text_blocks(
-        self, image_tokens: torch.Tensor, text_blocks: list[TextKeyTokens], image_chunk_size: int
-    ) -> torch.Tensor:
-        """Scores `(B_img, sum of block sizes)` of every image against the captions of `text_blocks`, in order."""
-        recompute = torch.is_grad_enabled()  # keep memory to one block during training
-        rows = []
-        for image_span in _spans(image_tokens.shape[0], image_chunk_size):
-            if recompute:
-                row = [
-                    checkpoint(self._score_tokens, image_tokens[image_span], b.tokens, b.mask, b.query, use_reentrant=False)
-                    for b in text_blocks
-                ]
-            else:
-                image = self.image_key_state(image_tokens[image_span])  # once per image, for every block
-                row = [self.block_scores(image, b) for b in text_blocks]
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0).to(image_tokens.dtype)
+        return image_chunk_size, text_chunk_size
 
     def _score_tokens(self, image_tokens, text_key_tokens, text_key_mask, text_query) -> torch.Tensor:
         return self.block_scores(
             self.image_key_state(image_tokens), TextKeyTokens(text_key_tokens, text_key_mask, text_query)
         )
+
+
+def pair_blocks(
+    image_index: torch.Tensor,
+    caption_index: torch.Tensor,
+    key_counts: torch.Tensor,
+    image_chunk_size: int,
+    text_chunk_size: int,
+):
+    """
+    Blocks of ragged (image, caption) pairs for per-image scoring, so that no other pair is computed: pairs are
+    grouped by image, an image's pairs split evenly into segments of at most `text_chunk_size`, and segments of
+    similar length (captions by key count within each) put `image_chunk_size` to a block, so that little of a
+    block is padding.
+
+    Yields `(images (I,), captions (I, T), valid (I, T) bool, pairs (V,))`: a block's images, each image's
+    captions (padding repeats a real one), which entries are real, and the input position of each real entry in
+    `valid`'s row-major order.
+    """
+    image_index, caption_index = image_index.cpu().long(), caption_index.cpu().long()
+    if len(image_index) == 0:
+        return
+    caption_rank = key_counts.argsort(stable=True).argsort()  # rank of each caption by key count
+    order = torch.argsort(image_index * len(key_counts) + caption_rank[caption_index])  # by image, then key count
+    images, counts = torch.unique_consecutive(image_index[order], return_counts=True)
+    segment_images, segment_starts, segment_lengths = [], [], []
+    start = 0
+    for image, count in zip(images.tolist(), counts.tolist()):
+        pieces = -(-count // text_chunk_size)
+        bounds = [start + count * piece // pieces for piece in range(pieces + 1)]
+        segment_images += [image] * pieces
+        segment_starts += bounds[:-1]
+        segment_lengths += [end - begin for begin, end in zip(bounds[:-1], bounds[1:])]
+        start += count
+    by_length = torch.tensor(segment_lengths).argsort(descending=True, stable=True)
+    segment_images = torch.tensor(segment_images)[by_length]
+    segment_starts, segment_lengths = torch.tensor(segment_starts)[by_length], torch.tensor(segment_lengths)[by_length]
+    for span in _spans(len(segment_images), image_chunk_size):
+        starts, lengths = segment_starts[span], segment_lengths[span]
+        slots = torch.arange(int(lengths.max()))  # (T,)
+        valid = slots[None, :] < lengths[:, None]  # (I, T)
+        pair_rows = order[torch.where(valid, starts[:, None] + slots[None, :], starts[:, None])]  # (I, T)
+        yield segment_images[span], caption_index[pair_rows], valid, pair_rows[valid]
 
 
 def default_chunk_sizes(device: torch.device) -> tuple[int, int]:
@@ -480,6 +698,26 @@ def scta_loss(
     return image_to_text + text_to_image
 
 
+def scta_with_global_loss(
+    logits_per_image: torch.Tensor,
+    global_logits_per_image: torch.Tensor | None,
+    image_ids: torch.Tensor | None,
+    margin: float,
+    hardest_negative: bool,
+    global_loss_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The training loss: `scta_loss` on the head's scores plus, when `global_loss_weight > 0`, the same hinge on the
+    cosine matrix of the global embeddings times that weight (an auxiliary objective that trains the first
+    retrieval stage; RETRIEVAL.md). Returns `(total, global term or None)`.
+    """
+    loss = scta_loss(logits_per_image, image_ids, margin, hardest_negative)
+    if not global_loss_weight:
+        return loss, None
+    global_loss = scta_loss(global_logits_per_image, image_ids, margin, hardest_negative)
+    return loss + global_loss_weight * global_loss, global_loss
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -541,6 +779,12 @@ class SCTAPreTrainedModel(PreTrainedModel):
                     init.zeros_(projection.bias)
 
 
+def text_position_limit(text_config) -> int:
+    """The longest caption (in tokens) a text tower embeds: RoBERTa-style towers start positions after padding_idx."""
+    offset = text_config.pad_token_id + 1 if text_config.model_type in ("roberta", "xlm-roberta") else 0
+    return text_config.max_position_embeddings - offset
+
+
 def _tower_from_config(config) -> PreTrainedModel:
     model_class = AutoModel._model_mapping[type(config)]
     kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
@@ -593,22 +837,178 @@ class SCTAModel(SCTAPreTrainedModel):
         )
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(B, 3, H, W)` pixels -> projected image tokens `(B, T_img, embed_size)` (all tokens, no pooler)."""
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """
+        Image side, once per image (transformers 5's `get_image_features` convention).
+
+        Args:
+            pixel_values: `(B, 3, H, W)`.
+            kwargs: passed to the image tower (e.g. `output_hidden_states=True`, `output_attentions=True`);
+                `return_dict=False` gives a tuple.
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` the projected image tokens `(B, T_img, C)`
+            ([CLS] first where the tower has one, all patches: what the head consumes), `pooler_output` the global
+            embedding `(B, C)` (`config.global_pooling`, not normalised), and the tower's `hidden_states` /
+            `attentions` when asked for.
+        """
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}.")
-        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        return self.vision_projection(hidden)
+        tower = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
+        image_tokens = self.vision_projection(tower.last_hidden_state)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=image_tokens,
+            pooler_output=self.pool_image_tokens(image_tokens),
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`(B, L)` token ids -> projected caption tokens `(B, L, embed_size)` (padding positions included)."""
+    @can_return_tuple
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """
+        Caption side (transformers 5's `get_text_features` convention).
+
+        Args:
+            input_ids, attention_mask: `(B, L)`, right-padded (mask of ones when omitted).
+            kwargs: passed to the text tower (`token_type_ids`, `output_hidden_states`, ...); `return_dict=False`
+                gives a tuple.
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` the projected caption tokens `(B, L, C)`
+            (padding positions included) and `pooler_output` the global embedding `(B, C)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and attention_mask must both be (batch, length), got {tuple(input_ids.shape)} and "
                 f"{tuple(attention_mask.shape)}."
             )
-        hidden = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.text_projection(hidden)
+        self._check_token_ids(input_ids)
+        tower = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
+        text_tokens = self.text_projection(tower.last_hidden_state)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=text_tokens,
+            pooler_output=self.pool_text_tokens(text_tokens, attention_mask),
+            hidden_states=tower.hidden_states,
+            attentions=tower.attentions,
+        )
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Token ids and caption lengths the text tower can embed, or a ValueError naming the limit (not torch's IndexError)."""
+        vocabulary = self.text_model.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (int(input_ids.max()) >= vocabulary or int(input_ids.min()) < 0):
+            bad = int(input_ids.max()) if int(input_ids.max()) >= vocabulary else int(input_ids.min())
+            raise ValueError(
+                f"input_ids holds the token id {bad}, outside the text tower's vocabulary of {vocabulary} "
+                f"(text_config.vocab_size). Was it tokenized with another model's tokenizer? Use this model's "
+                "processor (SCTAProcessor.from_pretrained on the model folder)."
+            )
+        limit = text_position_limit(self.config.text_config)
+        if input_ids.shape[1] > limit:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens per caption, more than the text tower's {limit} positions "
+                f"(text_config.max_position_embeddings={self.config.text_config.max_position_embeddings}). Truncate "
+                f"the captions: processor(text=..., max_length={min(limit, 90)})."
+            )
+
+    def pool_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, T_img, C)` projected image tokens -> `(B, C)` global embeddings (`config.global_pooling`)."""
+        cls, patches = self.head.split_image_tokens(image_tokens)
+        if self.config.global_pooling == "cls" and cls is not None:
+            return cls
+        return patches.mean(1)  # the vector the head's s_self compares patches with
+
+    def pool_text_tokens(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, L, C)` projected caption tokens -> `(B, C)` global embeddings (`config.global_pooling`)."""
+        if self.config.global_pooling == "cls":
+            return text_tokens[:, 0]
+        mask = attention_mask.to(text_tokens.dtype)[..., None]  # (B, L, 1)
+        return (text_tokens * mask).sum(1) / mask.sum(1).clamp_min(1)  # the head's s_text query, before norm
+
+    def global_similarity(self, image_global_embeds: torch.Tensor, text_global_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B_img, B_txt)` cosine similarities of global embeddings: the first stage of two-stage retrieval."""
+        return cosine_similarity_matrix(image_global_embeds, text_global_embeds)
+
+    def caption_key_tokens(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> CaptionKeyTokens:
+        """
+        Encode captions once for scoring: `(B_txt, L, C)` projected tokens (`get_text_features(...)
+        .last_hidden_state`) -> `CaptionKeyTokens`, reusable against any images. Join batches with
+        `CaptionKeyTokens.cat`.
+        """
+        return self.head.caption_key_tokens(text_embeds, attention_mask)
+
+    def score(
+        self,
+        image_embeds: torch.Tensor,
+        captions: CaptionKeyTokens,
+        image_chunk_size: int | None = None,
+        text_chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """
+        SCTA score of every image against every encoded caption, `(B_img, n)`, in blocks of
+        `image_chunk_size x text_chunk_size` pairs (default `default_chunk_sizes(device)`; results do not depend
+        on them). `image_embeds` from `get_image_features(...).last_hidden_state`, in any dtype or device.
+        `progress=True` shows a progress bar.
+        """
+        return self.head.score(image_embeds, captions, image_chunk_size, text_chunk_size, progress)
+
+    def score_candidates(
+        self,
+        image_embeds: torch.Tensor,
+        captions: CaptionKeyTokens,
+        image_index: torch.Tensor,
+        caption_index: torch.Tensor,
+        image_chunk_size: int | None = None,
+        text_chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """
+        SCTA scores of chosen (image, caption) pairs only, e.g. the top-k candidates of every query. The indices
+        broadcast against each other: `image_index` `(Q, 1)` with `caption_index` `(Q, k)` scores k captions per
+        image query; `caption_index` `(Q, 1)` with `image_index` `(Q, k)` k images per caption query; two
+        `(P,)` tensors any P pairs. Returns scores of the broadcast shape, equal to the same entries of `score`.
+        """
+        image_index, caption_index = torch.broadcast_tensors(torch.as_tensor(image_index), torch.as_tensor(caption_index))
+        for name, index, size in (("image_index", image_index, len(image_embeds)), ("caption_index", caption_index, len(captions))):
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+                raise ValueError(f"{name} has entries outside [0, {size}): {int(index.min())}..{int(index.max())}.")
+        scores = self.head.score_pairs(
+            image_embeds, captions, image_index.reshape(-1), caption_index.reshape(-1), image_chunk_size,
+            text_chunk_size, progress,
+        )
+        return scores.view(image_index.shape)
+
+    def caption_independent_image_keys(self, image_embeds: torch.Tensor, image_chunk_size: int = 256) -> torch.Tensor:
+        """
+        `(B_img, V, C)` image key tokens with the patch selection driven by the image alone, computed once per image
+        for `caption_independent_scores`: a cheap middle retrieval stage (about 10x less work per pair than the
+        head at the paper's shapes, no extra training; RETRIEVAL.md). Not the paper's score.
+        """
+        parameter = next(self.head.parameters())
+        return torch.cat(
+            [
+                self.head.independent_image_keys(image_embeds[span].to(device=parameter.device, dtype=parameter.dtype))
+                for span in _spans(image_embeds.shape[0], image_chunk_size)
+            ]
+        ) if image_embeds.shape[0] else image_embeds.new_zeros(0, self.head.num_patch_slots + 2, image_embeds.shape[-1])
+
+    def caption_independent_scores(
+        self,
+        image_keys: torch.Tensor,
+        captions: CaptionKeyTokens,
+        image_index: torch.Tensor,
+        caption_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Scores of chosen pairs by `caption_independent_image_keys` and the max-mean alignment alone; indices
+        broadcast as in `score_candidates`.
+        """
+        image_index, caption_index = torch.broadcast_tensors(torch.as_tensor(image_index), torch.as_tensor(caption_index))
+        scores = self.head.independent_pair_scores(image_keys, captions, image_index.reshape(-1), caption_index.reshape(-1))
+        return scores.view(image_index.shape)
 
     def similarity(
         self,
@@ -619,19 +1019,21 @@ class SCTAModel(SCTAPreTrainedModel):
         text_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """
-        SCTA score of every image against every caption.
+        SCTA score of every image against every caption, from projected tokens.
 
         Args:
-            image_embeds: `(B_img, T_img, C)` from `get_image_features`.
-            text_embeds: `(B_txt, L, C)` from `get_text_features`.
+            image_embeds: `(B_img, T_img, C)` from `get_image_features(...).last_hidden_state`.
+            text_embeds: `(B_txt, L, C)` from `get_text_features(...).last_hidden_state`.
             text_attention_mask: `(B_txt, L)`, right-padded.
             image_chunk_size, text_chunk_size: pairs are scored in blocks of this many images x captions, which
                 bounds memory (default: `default_chunk_sizes(device)`). Results do not depend on them.
         Returns:
-            `(B_img, B_txt)` scores.
+            `(B_img, B_txt)` scores. To score the same captions again, encode them once with
+            `caption_key_tokens` and call `score`.
         """
         return self.head(image_embeds, text_embeds, text_attention_mask, image_chunk_size, text_chunk_size)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -648,7 +1050,8 @@ class SCTAModel(SCTAPreTrainedModel):
             input_ids, attention_mask: `(B_txt, L)`, right-padded.
             image_ids: `(B,)` image id of each (image, caption) pair; pairs sharing an image are not negatives
                 of each other in the loss.
-            return_loss: compute the hinge loss; needs pairs (`B_img == B_txt`).
+            return_loss: compute the hinge loss (plus `config.global_loss_weight` x the same loss on the global
+                embeddings); needs pairs (`B_img == B_txt`).
             hardest_negative: loss over the hardest negative only (True) or summed over all negatives (the
                 recipe's first epoch).
         """
@@ -665,12 +1068,17 @@ class SCTAModel(SCTAPreTrainedModel):
             raise ValueError(
                 f"image_ids must have one id per image, shape ({pixel_values.shape[0]},); got {tuple(image_ids.shape)}."
             )
-        image_embeds = self.get_image_features(pixel_values)
-        text_embeds = self.get_text_features(input_ids, attention_mask)
+        image_outputs = self.get_image_features(pixel_values)
+        text_outputs = self.get_text_features(input_ids, attention_mask)
+        image_embeds, text_embeds = image_outputs.last_hidden_state, text_outputs.last_hidden_state
         logits_per_image = self.similarity(image_embeds, text_embeds, attention_mask)
         loss = None
         if return_loss:
-            loss = scta_loss(logits_per_image, image_ids, self.config.margin, hardest_negative)
+            global_logits = self.global_similarity(image_outputs.pooler_output, text_outputs.pooler_output)
+            loss, _ = scta_with_global_loss(
+                logits_per_image, global_logits, image_ids, self.config.margin, hardest_negative,
+                self.config.global_loss_weight,
+            )
         kept = torch.tensor(self.head.num_kept_patches / self.head.num_patches, device=logits_per_image.device)
         return SCTAOutput(
             loss=loss,
@@ -679,6 +1087,8 @@ class SCTAModel(SCTAPreTrainedModel):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             kept_patch_fraction=kept,
+            image_global_embeds=image_outputs.pooler_output,
+            text_global_embeds=text_outputs.pooler_output,
         )
 
     @classmethod
@@ -713,4 +1123,12 @@ SCTAConfig.register_for_auto_class()
 SCTAModel.register_for_auto_class("AutoModel")
 
 
-__all__ = ["SCTAModel", "SCTAPreTrainedModel", "KeyTokenAlignmentHead", "TokenAggregator", "scta_loss"]
+__all__ = [
+    "CaptionKeyTokens",
+    "KeyTokenAlignmentHead",
+    "SCTAModel",
+    "SCTAPreTrainedModel",
+    "TokenAggregator",
+    "scta_loss",
+    "scta_with_global_loss",
+]

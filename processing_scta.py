@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torchvision.transforms.v2.functional as tvF
 from torchvision.transforms import InterpolationMode
@@ -39,6 +40,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # The paper keeps at most 90 tokens of an evaluation caption (METHOD.md, Recipe).
 EVAL_MAX_CAPTION_TOKENS = 90
+EXIF_ORIENTATION = 0x0112  # the EXIF tag saying how the stored pixels are rotated or mirrored
 # BERT's position embeddings end at 512 tokens.
 TRAIN_MAX_CAPTION_TOKENS = 512
 
@@ -60,7 +62,13 @@ def convert_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
       [0, 1] when its values lie there, otherwise stretched the same way.
     - Every other mode (1, L, P, CMYK, YCbCr, ...) goes through Pillow's
       `convert("RGB")`.
+    - The EXIF orientation is applied first (`PIL.ImageOps.exif_transpose`): a
+      photo taken in portrait is stored on its side with a tag saying so, and
+      its captions describe it upright. Every path (processor, training and
+      evaluation views) converts through here, so all see the same picture.
     """
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy even an upright image
+        image = PIL.ImageOps.exif_transpose(image)
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode.startswith("I") or image.mode == "F":

@@ -15,6 +15,9 @@ Sections: 1. arguments, 2. retrieval metrics, 3. the trainer, 4. data, processor
 """
 
 import bisect
+import dataclasses
+import difflib
+import enum
 import functools
 import json
 import logging
@@ -23,6 +26,8 @@ import os
 import re
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +42,18 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, speed_metrics
 from transformers.training_args import OptimizerNames
 
 from configuration_scta import SCTAConfig
-from modeling_scta import SCTAModel, default_chunk_sizes, hinge_loss_one_direction, scta_loss
+from modeling_scta import (
+    CaptionKeyTokens,
+    SCTAModel,
+    cosine_similarity_matrix,
+    default_chunk_sizes,
+    hinge_loss_one_direction,
+    scta_with_global_loss,
+)
 from processing_scta import (
     EVAL_MAX_CAPTION_TOKENS,
     CaptionAugmenter,
@@ -58,6 +70,11 @@ from processing_scta import (
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_DATASET_NAME = "synthetic_shapes"
+# Training stops when this many steps in a row from the start had no negative pair (see _count_steps_without_negatives).
+NO_NEGATIVE_STEPS_TO_STOP = 10
+# Head settings that change the shape of a weight: a trained model's cannot be overridden.
+SHAPE_SETTINGS = ("embed_size", "patch_keep_ratio", "patch_aggr_ratio", "max_word_slots", "aggregator_hidden_ratio",
+                  "word_aggregation")
 HEAD_SETTINGS = (
     "embed_size",
     "patch_keep_ratio",
@@ -69,6 +86,8 @@ HEAD_SETTINGS = (
     "word_aggregation",
     "alignment_negative_slope",
     "margin",
+    "global_pooling",
+    "global_loss_weight",
 )
 
 
@@ -115,6 +134,13 @@ class ModelArguments:
     word_aggregation: bool | None = None
     alignment_negative_slope: float | None = None
     margin: float | None = None
+    global_pooling: str | None = field(
+        default=None, metadata={"help": "Global embeddings of the first retrieval stage: 'mean' or 'cls' pooling."}
+    )
+    global_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the auxiliary hinge loss on the global embeddings' cosine (0: the paper)."},
+    )
 
     def __post_init__(self):
         sources = [
@@ -205,6 +231,12 @@ class DataArguments:
                 f"--dataset_name {self.dataset_name!r} is unknown; the built-in set is {SYNTHETIC_DATASET_NAME!r}. "
                 "Build Flickr30K or MSCOCO with dataset_scripts/build_retrieval_dataset.py and pass --dataset_dir."
             )
+        for name in ("max_train_images", "max_eval_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1 (or left unset for all images), got {getattr(self, name)}.")
+        for name in ("synthetic_train_images", "synthetic_dev_images", "synthetic_test_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if len(self.crop_scale) != 2:
             raise ValueError(f"--crop_scale takes two numbers (smallest and largest area share), got {self.crop_scale}.")
         if self.on_bad_image not in ("error", "skip"):
@@ -255,15 +287,49 @@ class SCTATrainingArguments(TrainingArguments):
     max_nonfinite_steps: int = field(
         default=10, metadata={"help": "Consecutive steps with a non-finite loss (each skipped) after which training stops."}
     )
+    rerank_top_k: int = field(
+        default=0,
+        metadata={
+            "help": "Two-stage evaluation: the global embeddings' cosine proposes the top K candidates of every "
+            "query and the SCTA head re-scores only those. 0: every pair through the head (exhaustive)."
+        },
+    )
+    middle_stage_top_n: int = field(
+        default=0,
+        metadata={
+            "help": "With --rerank_top_k: first re-rank the global top N of every query by the head with "
+            "caption-independent patch selection (precomputed image key tokens, no extra training), then give the "
+            "top K of that to the exact head. 0: no middle stage."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow training (or evaluating) into an output_dir that holds another run's model, checkpoints "
+            "or results, overwriting them. Without it such a run stops before any work (resuming needs no flag)."
+        },
+    )
     eval_image_chunk_size: int | None = field(default=None, metadata={"help": "Images per block of scored pairs."})
     eval_text_chunk_size: int | None = field(default=None, metadata={"help": "Captions per block of scored pairs."})
 
     def __post_init__(self):
+        if self.max_steps < 1 and self.max_steps != -1:
+            raise ValueError(
+                f"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got {self.max_steps} (0 would still "
+                "run one optimizer step and save a model)."
+            )
         super().__post_init__()
         if self.backbone_lr_scale < 0:
             raise ValueError(f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}.")
         if not 0 < self.lr_decay_factor <= 1:
             raise ValueError(f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}.")
+        if self.rerank_top_k < 0:
+            raise ValueError(f"rerank_top_k must be >= 0 (0: exhaustive), got {self.rerank_top_k}.")
+        if self.middle_stage_top_n < 0 or (self.middle_stage_top_n and not self.rerank_top_k):
+            raise ValueError(
+                f"middle_stage_top_n={self.middle_stage_top_n}: the middle stage re-ranks the first stage of two-stage "
+                "evaluation; use it with --rerank_top_k K > 0 (and N >= K), or set it to 0."
+            )
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")
         if self.lr_scheduler_type != SchedulerType.LINEAR or self.lr_scheduler_kwargs:
@@ -284,7 +350,9 @@ class SCTATrainingArguments(TrainingArguments):
 # 2. Retrieval metrics
 
 
-def retrieval_ranks(scores: torch.Tensor, caption_to_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_ranks(
+    scores: torch.Tensor, caption_to_image: torch.Tensor, text_to_image_scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     0-based ranks of the positives in an image x caption score matrix.
 
@@ -294,6 +362,8 @@ def retrieval_ranks(scores: torch.Tensor, caption_to_image: torch.Tensor) -> tup
     Args:
         scores: `(n_img, n_cap)`.
         caption_to_image: `(n_cap,)` row of each caption's image.
+        text_to_image_scores: `(n_img, n_cap)` scores to rank images by for each caption, when they differ from
+            `scores` (two-stage retrieval re-ranks other candidates in each direction); default `scores`.
     Returns:
         image-to-text ranks `(n_img,)`: negatives scoring >= the image's best caption;
         text-to-image ranks `(n_cap,)`: other images scoring >= the caption's image.
@@ -303,10 +373,15 @@ def retrieval_ranks(scores: torch.Tensor, caption_to_image: torch.Tensor) -> tup
         raise ValueError(f"caption_to_image must have shape ({num_captions},), got {tuple(caption_to_image.shape)}.")
     if bool((caption_to_image < 0).any() or (caption_to_image >= num_images).any()):
         raise ValueError(f"caption_to_image has rows outside [0, {num_images}).")
+    if text_to_image_scores is not None and text_to_image_scores.shape != scores.shape:
+        raise ValueError(
+            f"text_to_image_scores has shape {tuple(text_to_image_scores.shape)}, scores {tuple(scores.shape)}."
+        )
     scores = scores.float()
     columns = torch.arange(num_captions)
+    t2i_scores = scores if text_to_image_scores is None else text_to_image_scores.float()
+    text_to_image = (t2i_scores >= t2i_scores[caption_to_image, columns]).sum(0) - 1
     positive_scores = scores[caption_to_image, columns]  # (n_cap,)
-    text_to_image = (scores >= positive_scores).sum(0) - 1
 
     best_positive = torch.full((num_images,), -math.inf).scatter_reduce(0, caption_to_image, positive_scores, "amax")
     image_to_text = torch.empty(num_images, dtype=torch.long)
@@ -329,13 +404,18 @@ def recall_summary(image_to_text: torch.Tensor, text_to_image: torch.Tensor) -> 
     return metrics
 
 
-def retrieval_metrics(scores, caption_to_image, five_fold: bool | None = None, fold_size: int = 1000) -> dict:
+def retrieval_metrics(
+    scores, caption_to_image, five_fold: bool | None = None, fold_size: int = 1000, text_to_image_scores=None
+) -> dict:
     """
-    Recall metrics of a score matrix. With `five_fold` (default: when there are exactly 5 x `fold_size` images,
-    the MSCOCO 5K test), also the mean over the five 1K folds as `1k_*` (METHOD.md "Evaluation").
+    Recall metrics of a score matrix (or of one matrix per direction, `text_to_image_scores`). With `five_fold`
+    (default: when there are exactly 5 x `fold_size` images, the MSCOCO 5K test), also the mean over the five
+    1K folds as `1k_*` (METHOD.md "Evaluation").
     """
     scores, caption_to_image = torch.as_tensor(scores), torch.as_tensor(caption_to_image).long()
-    metrics = recall_summary(*retrieval_ranks(scores, caption_to_image))
+    if text_to_image_scores is not None:
+        text_to_image_scores = torch.as_tensor(text_to_image_scores)
+    metrics = recall_summary(*retrieval_ranks(scores, caption_to_image, text_to_image_scores))
     if five_fold is None:
         five_fold = scores.shape[0] == 5 * fold_size
     if five_fold:
@@ -344,23 +424,34 @@ def retrieval_metrics(scores, caption_to_image, five_fold: bool | None = None, f
         folds = []
         for fold in range(5):
             captions = ((caption_to_image >= fold * fold_size) & (caption_to_image < (fold + 1) * fold_size)).nonzero()[:, 0]
-            fold_scores = scores[fold * fold_size : (fold + 1) * fold_size][:, captions]
-            folds.append(recall_summary(*retrieval_ranks(fold_scores, caption_to_image[captions] - fold * fold_size)))
+            rows = slice(fold * fold_size, (fold + 1) * fold_size)
+            fold_t2i = None if text_to_image_scores is None else text_to_image_scores[rows][:, captions]
+            fold_ranks = retrieval_ranks(scores[rows][:, captions], caption_to_image[captions] - fold * fold_size, fold_t2i)
+            folds.append(recall_summary(*fold_ranks))
         metrics.update({f"1k_{name}": float(np.mean([fold[name] for fold in folds])) for name in folds[0]})
     return metrics
 
 
 def compute_retrieval_metrics(prediction: EvalPrediction, five_fold: bool | None = None) -> dict[str, float]:
-    """`compute_metrics` hook: `predictions` is the `(n_img, n_cap)` score matrix, `label_ids` caption -> image row."""
-    return retrieval_metrics(prediction.predictions, prediction.label_ids, five_fold=five_fold)
+    """
+    `compute_metrics` hook: `predictions` is the `(n_img, n_cap)` score matrix, or a pair of them (image->text,
+    text->image) after two-stage retrieval; `label_ids` caption -> image row.
+    """
+    predictions = prediction.predictions
+    image_to_text, text_to_image = predictions if isinstance(predictions, tuple) else (predictions, None)
+    return retrieval_metrics(image_to_text, prediction.label_ids, five_fold=five_fold, text_to_image_scores=text_to_image)
 
 
-def retrieval_eval_loss(scores: torch.Tensor, caption_to_image: torch.Tensor, margin: float) -> float:
+def retrieval_eval_loss(
+    scores: torch.Tensor, caption_to_image: torch.Tensor, margin: float, text_to_image_scores: torch.Tensor | None = None
+) -> float:
     """
     The training objective (hinge, hardest negative) over a whole evaluation set, per caption: for every
-    (image, caption) pair the hardest caption of another image and the hardest other image.
+    (image, caption) pair the hardest caption of another image and the hardest other image (from
+    `text_to_image_scores` when given).
     """
     scores = scores.float()
+    t2i_scores = scores if text_to_image_scores is None else text_to_image_scores.float()
     num_images, num_captions = scores.shape
     columns = torch.arange(num_captions)
     positive_scores = scores[caption_to_image, columns]  # (n_cap,)
@@ -368,12 +459,160 @@ def retrieval_eval_loss(scores: torch.Tensor, caption_to_image: torch.Tensor, ma
     for rows in torch.arange(num_images).split(1024):
         positive = caption_to_image[None, :] == rows[:, None]
         hardest_caption[rows] = scores[rows].masked_fill(positive, -math.inf).amax(1)
-    hardest_image = scores.clone()
+    hardest_image = t2i_scores.clone()
     hardest_image[caption_to_image, columns] = -math.inf
     hardest_image = hardest_image.amax(0)  # (n_cap,)
     image_to_text = (margin + hardest_caption[caption_to_image] - positive_scores).clamp_min(0)
-    text_to_image = (margin + hardest_image - positive_scores).clamp_min(0)
+    text_to_image = (margin + hardest_image - t2i_scores[caption_to_image, columns]).clamp_min(0)
     return float((image_to_text + text_to_image).mean())
+
+
+# SCTA scores lie in [-0.2, 2] (two means of leaky-ReLU cosines); cosine - 3 lies in [-4, -2]. Non-candidates
+# of a two-stage ranking get that value: below every re-ranked candidate, in first-stage order among themselves.
+NON_CANDIDATE_OFFSET = 3.0
+
+
+@torch.no_grad()
+def encode_image_corpus(model: SCTAModel, images, batch_size: int, device, num_workers: int = 0, show: bool = False):
+    """
+    Image side of a corpus, once per image: `(n, T_img, C)` projected tokens and `(n, C)` global embeddings, on
+    `device`. `images` is a dataset of `{"pixel_values": (3, S, S)}` items (e.g. `RetrievalEvalImages`).
+    """
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=RetrievalCollator(0))
+    tokens, global_embeds = [], []
+    for batch in tqdm(loader, desc="Encoding images", disable=not show):
+        features = model.get_image_features(batch["pixel_values"].to(device))
+        tokens.append(features.last_hidden_state)
+        global_embeds.append(features.pooler_output)
+    width = model.config.embed_size
+    if not tokens:
+        return torch.zeros(0, model.config.num_patches + int(model.config.vision_has_cls_token), width), torch.zeros(0, width)
+    return torch.cat(tokens), torch.cat(global_embeds)
+
+
+@torch.no_grad()
+def encode_caption_corpus(
+    model: SCTAModel, captions, batch_size: int, device, pad_token_id: int, show: bool = False
+) -> tuple[CaptionKeyTokens, torch.Tensor]:
+    """
+    Caption side of a corpus, once per caption: its `CaptionKeyTokens` and `(n, C)` global embeddings, in the
+    captions' order. `captions` is a dataset of `{"input_ids": list[int]}` items (e.g. `RetrievalEvalCaptions`);
+    they are encoded in batches of similar length, so that little of a batch is padding.
+    """
+    order = sorted(range(len(captions)), key=lambda index: len(captions[index]["input_ids"]))
+    loader = DataLoader(Subset(captions, order), batch_size=batch_size, collate_fn=RetrievalCollator(pad_token_id))
+    parts, global_embeds = [], []
+    for batch in tqdm(loader, desc="Encoding captions", disable=not show):
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        features = model.get_text_features(input_ids, attention_mask)
+        parts.append(model.caption_key_tokens(features.last_hidden_state, attention_mask))
+        global_embeds.append(features.pooler_output)
+    restore = torch.tensor(order).argsort()  # sorted position of every caption
+    return CaptionKeyTokens.cat(parts).subset(restore), torch.cat(global_embeds)[restore.to(device)]
+
+
+def first_stage_candidates(global_scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The top-k of every query by first-stage score: `(n_img, k)` caption indices of every image and `(n_cap, k)`
+    image indices of every caption (k capped at the number of candidates).
+    """
+    num_images, num_captions = global_scores.shape
+    top_captions = global_scores.topk(min(top_k, num_captions), dim=1).indices
+    top_images = global_scores.topk(min(top_k, num_images), dim=0).indices.t()
+    return top_captions, top_images
+
+
+def candidate_recall(
+    top_captions: torch.Tensor, top_images: torch.Tensor, caption_to_image: torch.Tensor
+) -> tuple[float, float]:
+    """
+    % of queries whose positive is among their candidates: an image with at least one of its captions, a
+    caption with its image. Two-stage retrieval can only lose a hit whose positive is not a candidate.
+    """
+    caption_to_image = caption_to_image.to(top_captions.device)
+    image_hit = (caption_to_image[top_captions] == torch.arange(len(top_captions), device=top_captions.device)[:, None])
+    caption_hit = top_images == caption_to_image[:, None]
+    return 100.0 * float(image_hit.any(1).float().mean()), 100.0 * float(caption_hit.any(1).float().mean())
+
+
+def two_stage_pairs(top_captions: torch.Tensor, top_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The distinct (image, caption) pairs among both directions' candidates, each scored once by the head:
+    `(pair_keys (P,), inverse)` with `pair_key = image * n_cap + caption` and `inverse` mapping the flattened
+    image->text candidates, then the text->image ones, to their pair.
+    """
+    num_images, num_captions = len(top_captions), len(top_images)
+    device = top_captions.device
+    image_to_text_keys = torch.arange(num_images, device=device)[:, None] * num_captions + top_captions
+    text_to_image_keys = top_images * num_captions + torch.arange(num_captions, device=device)[:, None]
+    keys = torch.cat([image_to_text_keys.reshape(-1), text_to_image_keys.reshape(-1)])
+    return torch.unique(keys, return_inverse=True)
+
+
+def two_stage_score_matrices(
+    global_scores: torch.Tensor,
+    top_captions: torch.Tensor,
+    top_images: torch.Tensor,
+    pair_scores: torch.Tensor,
+    inverse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    One ranking matrix per direction, `(n_img, n_cap)` each: a query's candidates hold their exact head scores,
+    every other entry its first-stage score minus `NON_CANDIDATE_OFFSET` (below every head score). Consumes
+    `global_scores`.
+    """
+    split = top_captions.numel()
+    image_to_text_exact = pair_scores[inverse[:split]].view(top_captions.shape).to(global_scores.dtype)
+    text_to_image_exact = pair_scores[inverse[split:]].view(top_images.shape).to(global_scores.dtype)
+    text_to_image = global_scores.clone().sub_(NON_CANDIDATE_OFFSET)
+    text_to_image.t().scatter_(1, top_images, text_to_image_exact)
+    image_to_text = global_scores.sub_(NON_CANDIDATE_OFFSET).scatter_(1, top_captions, image_to_text_exact)
+    return image_to_text, text_to_image
+
+
+def two_stage_rank(
+    global_scores: torch.Tensor,
+    caption_to_image: torch.Tensor,
+    top_k: int,
+    score_exact,
+    middle_top_n: int = 0,
+    score_middle=None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """
+    Two-stage (or three-stage) retrieval over a whole split, both directions.
+
+    1. `global_scores` `(n_img, n_cap)` (the global embeddings' cosine) rank every query's candidates;
+    2. with `middle_top_n`, the top N of every query are re-ranked by `score_middle` (the caption-independent head);
+    3. the top `top_k` of every query are scored by `score_exact` (the SCTA head).
+    `score_*(image_index (P,), caption_index (P,)) -> (P,)` score distinct pairs, each once for both directions.
+
+    Returns the image->text and text->image ranking matrices (`two_stage_score_matrices`) and statistics:
+    candidate recall of the final k candidates (%), head pairs, middle-stage pairs. Consumes `global_scores`.
+    """
+    num_captions = global_scores.shape[1]
+
+    def scored(top_captions, top_images, score):
+        pair_keys, inverse = two_stage_pairs(top_captions, top_images)
+        return pair_keys, inverse, score(pair_keys // num_captions, pair_keys % num_captions)
+
+    stats = {}
+    image_to_text_stage = text_to_image_stage = global_scores
+    if middle_top_n:
+        top_captions, top_images = first_stage_candidates(global_scores, middle_top_n)
+        pair_keys, inverse, middle_scores = scored(top_captions, top_images, score_middle)
+        # middle scores lie in [-0.2, 2] like the head's; shifted, they rank above every cosine (<= 1)
+        image_to_text_stage, text_to_image_stage = two_stage_score_matrices(
+            global_scores.clone(), top_captions, top_images, middle_scores + NON_CANDIDATE_OFFSET, inverse
+        )
+        stats["middle_pairs"] = len(pair_keys)
+    top_captions = first_stage_candidates(image_to_text_stage, top_k)[0]
+    top_images = first_stage_candidates(text_to_image_stage, top_k)[1]
+    del image_to_text_stage, text_to_image_stage
+    stats["candidate_recall_i2t"], stats["candidate_recall_t2i"] = candidate_recall(top_captions, top_images, caption_to_image)
+    pair_keys, inverse, exact_scores = scored(top_captions, top_images, score_exact)
+    stats["head_pairs"] = len(pair_keys)
+    image_to_text, text_to_image = two_stage_score_matrices(global_scores, top_captions, top_images, exact_scores, inverse)
+    return image_to_text, text_to_image, stats
 
 
 def format_results(metrics: dict, prefix: str) -> str:
@@ -430,6 +669,8 @@ class SCTATrainer(Trainer):
         self.eval_max_caption_tokens = eval_max_caption_tokens
         self.nonfinite_loss_steps = 0  # skipped steps, over the run
         self.consecutive_nonfinite_steps = 0
+        self.steps_without_negatives = 0  # batches whose pairs all show one image
+        self.loss_steps = 0
         self.retrieval_results: dict[str, dict] = {}  # metrics of every evaluated split, for the model card
 
     # -- optimisation ------------------------------------------------------------------------------------------
@@ -490,12 +731,17 @@ class SCTATrainer(Trainer):
         negative after; ramped from 0 during epoch `embedding_warmup_epochs`. A non-finite loss skips the step.
         """
         image_ids = inputs.pop("image_ids")
+        self._count_steps_without_negatives(image_ids)
         outputs = model(**inputs)  # through the DDP wrapper: the local tokens and the local block of scores
         epoch = self.state.epoch or 0.0
         hardest_negative = epoch >= self.args.vse_mean_warmup_epochs
-        margin = self.accelerator.unwrap_model(model).config.margin
+        config = self.accelerator.unwrap_model(model).config
         if self.args.world_size == 1:
-            loss = scta_loss(outputs.logits_per_image, image_ids, margin, hardest_negative)
+            global_logits = cosine_similarity_matrix(outputs.image_global_embeds, outputs.text_global_embeds)
+            loss, _ = scta_with_global_loss(
+                outputs.logits_per_image, global_logits, image_ids, config.margin, hardest_negative,
+                config.global_loss_weight,
+            )
         else:
             loss = self._global_batch_loss(model, outputs, inputs["attention_mask"], image_ids, hardest_negative)
         if self.args.embedding_warmup_epochs is not None and int(epoch) == self.args.embedding_warmup_epochs:
@@ -519,6 +765,29 @@ class SCTATrainer(Trainer):
         else:
             self.consecutive_nonfinite_steps = 0
         return (loss, outputs) if return_outputs else loss
+
+    def _count_steps_without_negatives(self, image_ids: torch.Tensor) -> None:
+        """
+        The hinge loss needs two distinct images in the global batch: a batch whose pairs all show one image has
+        no negative, loss 0 and gradient 0. Such steps are counted and logged; if every step so far had none after
+        `NO_NEGATIVE_STEPS_TO_STOP` steps, the run stops instead of saving a model that learnt nothing.
+        """
+        all_ids = self.accelerator.gather(image_ids) if self.args.world_size > 1 else image_ids
+        self.loss_steps += 1
+        if bool((all_ids != all_ids[0]).any()):
+            return
+        self.steps_without_negatives += 1
+        logger.warning(
+            "Step %d: all %d pairs of the global batch show image %d, so the hinge loss has no negative and "
+            "nothing is learnt from this batch (%d such steps so far).",
+            self.state.global_step, len(all_ids), int(all_ids[0]), self.steps_without_negatives,
+        )  # fmt: skip
+        if self.steps_without_negatives == self.loss_steps >= NO_NEGATIVE_STEPS_TO_STOP:
+            raise ValueError(
+                f"None of the first {self.loss_steps} batches had two different images, so the loss and its gradient "
+                "were 0 at every step: training would save a model that learnt nothing. Each batch needs pairs of "
+                "several images: raise --per_device_train_batch_size, or use more images (--max_train_images)."
+            )
 
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
@@ -556,17 +825,30 @@ class SCTATrainer(Trainer):
             for other in range(world_size)
         ]
         positive_mask = image_ids[:, None] == all_ids[None, :]  # (B_r, B_global)
-        positives = local_block.diagonal()
-        margin = unwrapped.config.margin
-        image_to_text = hinge_loss_one_direction(torch.cat(rows, 1), positives, positive_mask, margin, hardest_negative)
-        text_to_image = hinge_loss_one_direction(
-            torch.cat(columns, 0).t(), positives, positive_mask, margin, hardest_negative
-        )
-        return (image_to_text + text_to_image) * world_size
+        config = unwrapped.config
+
+        def hinge(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+            """Both directions for this process's queries: rows `(B_r, B_global)`, columns `(B_global, B_r)`."""
+            image_to_text = hinge_loss_one_direction(rows, positives, positive_mask, config.margin, hardest_negative)
+            text_to_image = hinge_loss_one_direction(columns.t(), positives, positive_mask, config.margin, hardest_negative)
+            return image_to_text + text_to_image
+
+        loss = hinge(torch.cat(rows, 1), torch.cat(columns, 0), local_block.diagonal())
+        if config.global_loss_weight:
+            image_global, text_global = outputs.image_global_embeds, outputs.text_global_embeds
+            all_image_global = torch.cat(_all_gather_with_grad(image_global))
+            all_text_global = torch.cat(_all_gather_with_grad(text_global))
+            loss = loss + config.global_loss_weight * hinge(
+                cosine_similarity_matrix(image_global, all_text_global),
+                cosine_similarity_matrix(all_image_global, text_global),
+                cosine_similarity_matrix(image_global, text_global).diagonal(),
+            )
+        return loss * world_size
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs["nonfinite_loss_steps"] = self.nonfinite_loss_steps
+            logs["steps_without_negatives"] = self.steps_without_negatives
         super().log(logs, start_time)
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -575,7 +857,9 @@ class SCTATrainer(Trainer):
         """
         Recall@K of every image against every caption of a split (a `datasets.Dataset` with `image`, `image_id`,
         `captions`). Each image and each caption is encoded once; images are split across processes, every
-        process scores its images against all captions.
+        process scores its images against all captions. With `--rerank_top_k K` the head scores only the top K
+        candidates of every query by the global embeddings' cosine (two-stage retrieval), and the metrics add the
+        first stage's candidate recall; `head_pairs` and `scoring_runtime` are reported either way.
         """
         split = eval_dataset if eval_dataset is not None else self.eval_dataset
         if split is None:
@@ -587,12 +871,16 @@ class SCTATrainer(Trainer):
             return metrics
         self._memory_tracker.start()
         start_time = time.time()
-        scores, caption_to_image = self.retrieval_scores(split)
+        result = self.retrieval_scores(split)
+        image_to_text, text_to_image, caption_to_image = result.pop("scores")
+        predictions = image_to_text.numpy() if text_to_image is None else (image_to_text.numpy(), text_to_image.numpy())
         compute_metrics = self.compute_metrics or compute_retrieval_metrics
-        metrics = compute_metrics(EvalPrediction(predictions=scores.numpy(), label_ids=caption_to_image.numpy()))
-        metrics["loss"] = retrieval_eval_loss(scores, caption_to_image, self.accelerator.unwrap_model(self.model).config.margin)
+        metrics = compute_metrics(EvalPrediction(predictions=predictions, label_ids=caption_to_image.numpy()))
+        margin = self.accelerator.unwrap_model(self.model).config.margin
+        metrics["loss"] = retrieval_eval_loss(image_to_text, caption_to_image, margin, text_to_image)
+        metrics.update(result)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
-        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=scores.shape[0]))
+        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=image_to_text.shape[0]))
         self.retrieval_results[metric_key_prefix] = metrics
         self.log(dict(metrics))  # log() adds the epoch to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -600,68 +888,89 @@ class SCTATrainer(Trainer):
         return metrics
 
     @torch.no_grad()
-    def retrieval_scores(self, split) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(n_img, n_cap)` scores of a split and `(n_cap,)` caption -> image row, on every process."""
+    def retrieval_scores(self, split) -> dict:
+        """
+        Scores of a split, on every process: `{"scores": (image_to_text, text_to_image or None, caption_to_image),
+        "head_pairs": ..., "scoring_runtime": ..., and after two-stage "candidate_recall_i2t"/"_t2i"}`, with
+        `(n_img, n_cap)` score matrices (one for both directions when exhaustive) and `(n_cap,)` caption -> image row.
+        """
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         device = self.args.device
         processor = self.processing_class
-        collator = RetrievalCollator(processor.tokenizer.pad_token_id)
         show = self.is_local_process_zero() and not self.args.disable_tqdm
-        image_chunk, text_chunk = default_chunk_sizes(device)
-        image_chunk = self.args.eval_image_chunk_size or image_chunk
-        text_chunk = self.args.eval_text_chunk_size or text_chunk
+        chunks = (self.args.eval_image_chunk_size, self.args.eval_text_chunk_size)
 
         images = RetrievalEvalImages(split, processor.image_processor)
         captions = RetrievalEvalCaptions(split, processor.tokenizer, max_length=self.eval_max_caption_tokens)
         rank, world_size = self.args.process_index, self.args.world_size
         shards = [range(len(images) * r // world_size, len(images) * (r + 1) // world_size) for r in range(world_size)]
-        image_loader = DataLoader(
-            Subset(images, shards[rank]),
-            batch_size=self.args.per_device_eval_batch_size,
-            num_workers=self.args.dataloader_num_workers,
-            collate_fn=collator,
-        )
-        image_embeds = torch.cat(
-            [
-                model.get_image_features(batch["pixel_values"].to(device))
-                for batch in tqdm(image_loader, desc="Encoding images", disable=not show)
-            ]
-        )  # (n_img on this process, T_img, C)
+        batch_size = self.args.per_device_eval_batch_size
+        image_tokens, image_global = encode_image_corpus(
+            model, Subset(images, shards[rank]), batch_size, device, self.args.dataloader_num_workers, show
+        )  # this process's images: (n_local, T_img, C), (n_local, C)
+        caption_keys, caption_global = encode_caption_corpus(
+            model, captions, batch_size, device, processor.tokenizer.pad_token_id, show
+        )  # every caption
 
-        # Captions sorted by length: each batch is little padding, and its key tokens become scoring blocks.
-        order = sorted(range(len(captions)), key=lambda index: len(captions.input_ids[index]))
-        text_blocks, block_columns = [], []
-        caption_loader = DataLoader(
-            Subset(captions, order), batch_size=self.args.per_device_eval_batch_size, collate_fn=collator
-        )
-        position = 0
-        for batch in tqdm(caption_loader, desc="Encoding captions", disable=not show):
-            text_embeds = model.get_text_features(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            blocks, block_order = model.head.text_key_blocks(text_embeds, batch["attention_mask"].to(device), text_chunk)
-            text_blocks.extend(blocks)
-            block_columns.append(torch.tensor(order[position : position + len(block_order)])[block_order.cpu()])
-            position += len(block_order)
-        columns = torch.cat(block_columns)  # caption index of each scored column
+        start = time.perf_counter()
+        num_images, num_captions = len(images), len(captions)
+        top_k = self.args.rerank_top_k
+        if top_k == 0:  # exhaustive: every pair through the head
+            local_scores = model.score(image_tokens, caption_keys, *chunks, progress=show).float().cpu()
+            image_to_text = self._gather_rows(local_scores, [len(shard) for shard in shards])
+            model.train(was_training)
+            return {
+                "scores": (image_to_text, None, captions.caption_to_image),
+                "head_pairs": num_images * num_captions,
+                "scoring_runtime": round(time.perf_counter() - start, 4),
+            }
 
-        local_scores = torch.empty(len(image_embeds), len(captions))
-        for rows in tqdm(
-            torch.arange(len(image_embeds)).split(max(image_chunk, 64)), desc="Scoring pairs", disable=not show
-        ):
-            block_scores = model.head.score_text_blocks(image_embeds[rows.to(device)], text_blocks, image_chunk)
-            local_scores[rows[:, None], columns[None, :]] = block_scores.float().cpu()
-        scores = self._gather_rows(local_scores, [len(shard) for shard in shards])
+        # Two-stage: the global cosine proposes the top-k of every query, the head re-scores those pairs only.
+        all_image_global = torch.cat(self._gather_parts(image_global, [len(shard) for shard in shards]))
+        global_scores = cosine_similarity_matrix(all_image_global, caption_global).float().cpu()  # (n_img, n_cap)
+        shard = shards[rank]
+
+        def on_this_process(score):
+            """A pair scorer over this process's images; every process gets every pair's score."""
+
+            def score_pairs(pair_images, pair_captions):
+                local = (pair_images >= shard.start) & (pair_images < shard.stop)
+                scores = torch.zeros(len(pair_images))
+                scores[local] = score(pair_images[local] - shard.start, pair_captions[local]).float().cpu()
+                if world_size > 1:  # each pair was scored by exactly one process
+                    scores = self.accelerator.reduce(scores.to(device), reduction="sum").cpu()
+                return scores
+
+            return score_pairs
+
+        score_middle = None
+        if self.args.middle_stage_top_n:
+            image_keys = model.caption_independent_image_keys(image_tokens)
+            score_middle = on_this_process(lambda i, c: model.caption_independent_scores(image_keys, caption_keys, i, c))
+        score_exact = on_this_process(lambda i, c: model.score_candidates(image_tokens, caption_keys, i, c, *chunks, progress=show))
+        image_to_text, text_to_image, stats = two_stage_rank(
+            global_scores, captions.caption_to_image, top_k, score_exact, self.args.middle_stage_top_n, score_middle
+        )
         model.train(was_training)
-        return scores, captions.caption_to_image
+        return {
+            "scores": (image_to_text, text_to_image, captions.caption_to_image),
+            "scoring_runtime": round(time.perf_counter() - start, 4),
+            **stats,
+        }
+
+    def _gather_parts(self, local: torch.Tensor, rows_per_process: list[int]) -> list[torch.Tensor]:
+        """Every process's `local` rows (sizes may differ), on every process."""
+        if self.args.world_size == 1:
+            return [local]
+        padded = local.new_zeros(max(rows_per_process), *local.shape[1:])
+        padded[: len(local)] = local
+        gathered = self.accelerator.gather(padded[None].to(self.args.device))  # (world_size, max rows, ...)
+        return [part[:n] for part, n in zip(gathered, rows_per_process)]
 
     def _gather_rows(self, local_rows: torch.Tensor, rows_per_process: list[int]) -> torch.Tensor:
-        if self.args.world_size == 1:
-            return local_rows
-        padded = torch.zeros(max(rows_per_process), local_rows.shape[1], device=self.args.device)
-        padded[: len(local_rows)] = local_rows.to(self.args.device)
-        gathered = self.accelerator.gather(padded[None]).cpu()  # (world_size, max rows, n_cap)
-        return torch.cat([part[:n] for part, n in zip(gathered, rows_per_process)])
+        return torch.cat(self._gather_parts(local_rows, rows_per_process)).cpu()
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 
@@ -883,17 +1192,152 @@ def build_model(model_args: ModelArguments, processor: SCTAProcessor) -> SCTAMod
 # 5. Main
 
 
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, SCTATrainingArguments)
+# Fields given as JSON objects in a config file (a string on the command line), checked in __post_init__.
+JSON_OBJECT_FIELDS = ("vision_config", "text_config")
+
+
+def _expected_type(annotation) -> str:
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected_type(argument) for argument in arguments)
+    if origin is list:
+        return f"a list of {_expected_type(arguments[0])}" if arguments else "a list"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(repr(member.value) for member in annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _fits(value, annotation) -> bool:
+    """Whether a JSON value has the type of a dataclass field (no conversion: "false" is not a bool)."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, argument) for argument in arguments)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, arguments[0]) for item in value) if arguments else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {member.value for member in annotation} or isinstance(value, annotation)
+    return True  # a type this check does not know: the dataclass checks it
+
+
+def load_json_arguments(path: str) -> dict:
+    """
+    A JSON config file, checked before any work: a JSON object whose keys are argument names and whose values
+    have the arguments' types. Errors name the file, the key, the value and what was expected.
+    """
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            config = json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+    except OSError as error:
+        raise ValueError(f"Cannot read the config file {path}: {error.strerror}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object of argument names and values, not a {type(config).__name__}.")
+    annotations = {}
+    for argument_class in ARGUMENT_CLASSES:
+        hints = typing.get_type_hints(argument_class)
+        annotations.update({f.name: hints[f.name] for f in dataclasses.fields(argument_class) if f.init})
+    unknown = [key for key in config if key not in annotations]
+    if unknown:
+        hints = "; ".join(
+            f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, annotations, 1)) else "")
+            for key in unknown
+        )
+        raise ValueError(f"{path} has keys that are not arguments of run_retrieval.py: {hints}. See --help.")
+    for key, value in config.items():
+        if key in JSON_OBJECT_FIELDS and isinstance(value, dict):
+            continue
+        if not _fits(value, annotations[key]):
+            raise ValueError(
+                f"{path}: {key!r} is {json.dumps(value)}, but it must be {_expected_type(annotations[key])} "
+                f"(a JSON {'true/false' if annotations[key] is bool else 'value of that type'}, not a string)."
+                if isinstance(value, str) else
+                f"{path}: {key!r} is {json.dumps(value)}, but it must be {_expected_type(annotations[key])}."
+            )
+    return config
+
+
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, SCTATrainingArguments))
+    """
+    `run_retrieval.py [CONFIG.json] [--argument value ...]`: a JSON config file (any case of `.json`), then
+    command-line arguments that override it; or command-line arguments alone.
+    """
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    if argv and argv[0].endswith(".json"):  # a JSON file, then command-line overrides
-        with open(argv[0], encoding="utf-8") as file:
-            defaults = json.load(file)
-        parser.set_defaults(**defaults)
+    if argv and argv[0].lower().endswith(".json"):
+        config = load_json_arguments(argv[0])
+        if len(argv) == 1:
+            return parser.parse_dict(config)
+        parser.set_defaults(**config)  # typed values: argparse converts only string defaults
         return parser.parse_args_into_dataclasses(args=argv[1:])
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_output_dir(training_args: TrainingArguments, resume: str | None) -> None:
+    """
+    Refuse, before any work, an output_dir that holds another run's model, checkpoints or results (a new run
+    would overwrite them and checkpoint rotation would delete the old checkpoints), unless resuming or
+    `--overwrite_output_dir`. An evaluation-only run may rewrite evaluation results, but not next to a model.
+    """
+    folder = training_args.output_dir
+    if resume is not None or not os.path.isdir(folder):
+        return
+    entries = sorted(os.listdir(folder))
+    model_files = [
+        name for name in entries
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or name in ("model.safetensors", "model.safetensors.index.json", "trainer_state.json")
+    ]  # fmt: skip
+    others = [name for name in entries if name not in model_files]
+    existing = model_files + others if training_args.do_train else model_files  # the weights first
+    if not existing:
+        return
+    listed = ", ".join(existing[:6]) + (f" and {len(existing) - 6} more" if len(existing) > 6 else "")
+    if training_args.overwrite_output_dir:
+        logger.warning("--overwrite_output_dir: %s holds %s, which this run may overwrite or delete.", folder, listed)
+        return
+    raise ValueError(
+        f"--output_dir {folder} already holds {listed}. A new run would overwrite them (and checkpoint rotation "
+        "would delete the old checkpoints). Choose another --output_dir, continue that run with "
+        "--resume_from_checkpoint last, or pass --overwrite_output_dir."
+    )
+
+
+def check_splits(dataset: datasets.DatasetDict, data_args, training_args, eval_split_name: str) -> None:
+    """The splits a run needs exist and are non-empty; the 5-fold protocol only on 5,000-image splits."""
+    needed = {
+        data_args.train_split: training_args.do_train,
+        eval_split_name: training_args.do_eval or (training_args.do_train and training_args.eval_strategy != "no"),
+        data_args.test_split: training_args.do_predict,
+    }
+    for name, is_needed in needed.items():
+        if not is_needed:
+            continue
+        if name not in dataset:
+            raise ValueError(f"The dataset has no {name!r} split (it has {list(dataset)}).")
+        if len(dataset[name]) == 0:
+            raise ValueError(f"The dataset's {name!r} split has no rows.")
+    if data_args.five_fold_test:
+        for name, is_needed in needed.items():
+            if is_needed and name != data_args.train_split and len(dataset[name]) != 5000:
+                raise ValueError(
+                    f"--five_fold_test true needs 5,000 images (the MSCOCO 5K test), but the {name!r} split has "
+                    f"{len(dataset[name])}. Leave --five_fold_test unset (it is then used exactly on 5,000-image splits)."
+                )
 
 
 def check_launch(training_args: TrainingArguments) -> None:
@@ -948,6 +1392,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         logger.info("Resuming from %s", resume)
 
     # 3. Data, processor, model.
+    check_output_dir(training_args, resume)
+    if not training_args.do_train:
+        # Evaluation strategy and checkpoint selection concern training only (the Trainer would ask for a dev split).
+        training_args.eval_strategy = training_args.save_strategy = IntervalStrategy.NO
+        training_args.load_best_model_at_end = False
+    global_batch = training_args.per_device_train_batch_size * training_args.world_size
+    if training_args.do_train and global_batch < 2:
+        raise ValueError(
+            f"The global training batch is {global_batch} pair (--per_device_train_batch_size "
+            f"{training_args.per_device_train_batch_size} x {training_args.world_size} processes): the hinge loss "
+            "compares a pair with the other pairs of its batch, so it would be 0 at every step. Use at least 2."
+        )
+    if model_args.model_name_or_path is not None:
+        changed = [name for name in SHAPE_SETTINGS if getattr(model_args, name) is not None]
+        saved = load_scta_config(model_args.model_name_or_path, model_args.model_revision)
+        changed = [name for name in changed if getattr(model_args, name) != getattr(saved, name)]
+        if changed:
+            raise ValueError(
+                "--" + ", --".join(f"{name} {getattr(model_args, name)}" for name in changed) + " would change the "
+                f"shape of weights of the trained model {model_args.model_name_or_path} (which has "
+                + ", ".join(f"{name}={getattr(saved, name)}" for name in changed) + "). Drop the override, or start "
+                "from pretrained towers (--vision_model_name_or_path / --text_model_name_or_path) to train another head."
+            )
     dataset = load_retrieval_dataset(data_args, training_args)
     processor = build_processor(model_args, dataset, data_args.train_split)
     model = build_model(model_args, processor)
@@ -961,13 +1428,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     eval_split_name = data_args.test_split if data_args.select_on_test else data_args.eval_split
     if data_args.select_on_test:
         logger.warning("--select_on_test: checkpoints are selected on the TEST split, as the published code did.")
-    for needed, name in (
-        (training_args.do_train, data_args.train_split),
-        (training_args.do_eval or training_args.eval_strategy != "no", eval_split_name),
-        (training_args.do_predict, data_args.test_split),
-    ):
-        if needed and name not in dataset:
-            raise ValueError(f"The dataset has no {name!r} split (it has {list(dataset)}).")
+    if not training_args.do_train and training_args.do_eval and training_args.do_predict and eval_split_name not in dataset:
+        # --do_eval is on by default (TrainingArguments sets it with the default eval_strategy); a test-only dataset
+        # evaluated with --do_predict has nothing else to do.
+        logger.info("The dataset has no %r split: evaluating the %r split only.", eval_split_name, data_args.test_split)
+        training_args.do_eval = False
+    check_splits(dataset, data_args, training_args, eval_split_name)
 
     train_dataset = None
     if training_args.do_train:
@@ -1017,7 +1483,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()  # the best checkpoint when load_best_model_at_end, with the processor
-        train_metrics = dict(train_result.metrics, nonfinite_loss_steps=trainer.nonfinite_loss_steps)
+        train_metrics = dict(
+            train_result.metrics,
+            nonfinite_loss_steps=trainer.nonfinite_loss_steps,
+            steps_without_negatives=trainer.steps_without_negatives,
+        )
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

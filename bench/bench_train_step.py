@@ -157,9 +157,9 @@ def breakdown_step(model, optimizer, batch, precision, device) -> dict:
 
     optimizer.zero_grad(set_to_none=True)
     with part("image_tower_forward"), precision():
-        image_embeds = model.get_image_features(batch["pixel_values"])
+        image_embeds = model.get_image_features(batch["pixel_values"]).last_hidden_state
     with part("text_tower_forward"), precision():
-        text_embeds = model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        text_embeds = model.get_text_features(batch["input_ids"], batch["attention_mask"]).last_hidden_state
     image_leaf = image_embeds.detach().requires_grad_(True)
     text_leaf = text_embeds.detach().requires_grad_(True)
     with part("head_forward"), precision():

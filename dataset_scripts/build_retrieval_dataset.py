@@ -45,6 +45,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,10 @@ CAPTION_FILE_STEMS = {
 KARPATHY_JSON_NAMES = {"f30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
 KARPATHY_JSON_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 KARPATHY_JSON_CAPTIONS_PER_IMAGE = 5
+# Flickr30K and MSCOCO have 5 captions per image (Karpathy splits); --captions_per_image changes it.
+CAPTIONS_PER_IMAGE = 5
+# Share of a split's images --skip_missing may leave out before the build stops (--max_skipped_fraction).
+MAX_SKIPPED_FRACTION = 0.01
 DATASET_NAMES = {"f30k": "Flickr30K", "coco": "MSCOCO"}
 # How many offending items an error message or log line lists.
 MAX_LISTED = 5
@@ -86,7 +91,7 @@ class ImageRecord:
 def _read_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file, without line ends (a final newline adds no empty line)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not content
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}); re-encode it as UTF-8.") from error
     lines = [line.rstrip("\r") for line in text.split("\n")]
@@ -96,20 +101,35 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _group_captions_by_image(
-    captions: list[str], image_ids: list[int], captions_path: Path, ids_path: Path
+    captions: list[str],
+    image_ids: list[int],
+    captions_path: Path,
+    ids_path: Path,
+    captions_per_image: int | None = CAPTIONS_PER_IMAGE,
 ) -> list[tuple[int, int, list[str]]]:
-    """(image id, first caption line, captions) per image, in order of first appearance."""
+    """
+    (image id, first caption line, captions) per image, in order of first appearance. Every image must have
+    `captions_per_image` captions (None: any number, the same for every image).
+    """
     if len(image_ids) == len(captions):
         ids_per_caption = image_ids
     elif image_ids and len(captions) % len(image_ids) == 0:
-        captions_per_image = len(captions) // len(image_ids)
+        captions_per_image_here = len(captions) // len(image_ids)
+        if captions_per_image is not None and captions_per_image_here != captions_per_image:
+            raise ValueError(
+                f"{ids_path} has {len(image_ids)} ids for the {len(captions)} captions of {captions_path}: neither one "
+                f"id per caption nor one per image with {captions_per_image} captions each (it would give "
+                f"{captions_per_image_here} captions per image). Is one of the files cut short or from another split? "
+                "For a dataset with another caption count per image, pass --captions_per_image."
+            )
+        captions_per_image = captions_per_image_here
         repeated = [image_id for image_id, count in collections.Counter(image_ids).items() if count > 1]
         if repeated:
             raise ValueError(
                 f"{ids_path} has one id per image ({len(image_ids)} ids for {len(captions)} captions in "
                 f"{captions_path}), but {len(repeated)} ids appear more than once, e.g. {repeated[:MAX_LISTED]}."
             )
-        ids_per_caption = [image_id for image_id in image_ids for _ in range(captions_per_image)]
+        ids_per_caption = [image_id for image_id in image_ids for _ in range(captions_per_image_here)]
     else:
         raise ValueError(
             f"Caption and id files do not match: {captions_path} has {len(captions)} lines and {ids_path} has "
@@ -124,7 +144,7 @@ def _group_captions_by_image(
     images = [(image_id, first_line[image_id], image_captions) for image_id, image_captions in captions_of.items()]
 
     count_frequencies = collections.Counter(len(image_captions) for _, _, image_captions in images)
-    expected = count_frequencies.most_common(1)[0][0]
+    expected = captions_per_image or count_frequencies.most_common(1)[0][0]
     odd = [
         (image_id, line, len(image_captions))
         for image_id, line, image_captions in images
@@ -135,14 +155,16 @@ def _group_captions_by_image(
             f"image {image_id} (first line {line}) has {count}" for image_id, line, count in odd[:MAX_LISTED]
         )
         raise ValueError(
-            f"Every image must have the same number of captions, but {len(odd)} of the {len(images)} images of "
-            f"{captions_path} / {ids_path} do not have the {expected} of the others: {examples}. "
-            "Fix the files so that each image has the same caption count."
+            f"Every image must have {expected} captions, but {len(odd)} of the {len(images)} images of "
+            f"{captions_path} / {ids_path} do not: {examples}. Fix the files so that each image has {expected} "
+            "captions (an image id repeated elsewhere in the file also merges two images' captions)."
         )
     return images
 
 
-def read_caption_files(data_dir: Path, dataset: str, split: str, image_dir: Path) -> list[ImageRecord]:
+def read_caption_files(
+    data_dir: Path, dataset: str, split: str, image_dir: Path, captions_per_image: int | None = CAPTIONS_PER_IMAGE
+) -> list[ImageRecord]:
     """The images and captions of one split in the caption-file layout (images are not opened)."""
     stem = CAPTION_FILE_STEMS[dataset][split]
     captions_path, ids_path = data_dir / f"{stem}_caps.txt", data_dir / f"{stem}_ids.txt"
@@ -164,7 +186,7 @@ def read_caption_files(data_dir: Path, dataset: str, split: str, image_dir: Path
         except ValueError:
             raise ValueError(f"{ids_path} line {line_number} is not an integer image id: {text!r}.") from None
 
-    images = _group_captions_by_image(captions, image_ids, captions_path, ids_path)
+    images = _group_captions_by_image(captions, image_ids, captions_path, ids_path, captions_per_image)
     if dataset == "f30k":
         filenames = _flickr30k_filenames(
             [image_id for image_id, _, _ in images], data_dir / "id_mapping.json", ids_path
@@ -181,8 +203,13 @@ def _flickr30k_filenames(image_ids: list[int], mapping_path: Path, ids_path: Pat
     """File names of Flickr30K image ids, from `id_mapping.json` (id -> file name)."""
     if not mapping_path.is_file():
         raise ValueError(f"Flickr30K needs {mapping_path} (image id -> file name); put it in --data_dir.")
-    with open(mapping_path, encoding="utf-8") as file:
-        mapping = json.load(file)
+    mapping = _read_json(mapping_path)
+    if not isinstance(mapping, dict) or not all(isinstance(name, str) for name in mapping.values()):
+        raise ValueError(
+            f"{mapping_path} must be a JSON object mapping image ids to file names, like {{\"1000092795\": "
+            f"\"1000092795.jpg\"}}; it holds a {type(mapping).__name__}"
+            + (" with values that are not file names." if isinstance(mapping, dict) else ".")
+        )
     unknown = [image_id for image_id in image_ids if str(image_id) not in mapping]
     if unknown:
         raise ValueError(
@@ -190,6 +217,17 @@ def _flickr30k_filenames(image_ids: list[int], mapping_path: Path, ids_path: Pat
             "Use the id_mapping.json that belongs to these caption files."
         )
     return [mapping[str(image_id)] for image_id in image_ids]
+
+
+def _read_json(path: Path):
+    """A JSON file's content; a ValueError naming the file and the position of a syntax error."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}).") from None
 
 
 def _coco_filename(image_id: int, split: str, image_dir: Path) -> str:
@@ -222,29 +260,43 @@ def read_karpathy_json(json_path: Path, dataset: str) -> tuple[dict[str, list[Im
     """
     if not json_path.is_file():
         raise ValueError(f"--format karpathy-json needs {json_path}; check --data_dir and --dataset.")
-    with open(json_path, encoding="utf-8") as file:
-        images = json.load(file)["images"]
+    content = _read_json(json_path)
+    if not isinstance(content, dict) or not isinstance(content.get("images"), list):
+        raise ValueError(f"{json_path} must be a JSON object with an \"images\" list (Karpathy's format).")
+    id_key = "cocoid" if dataset == "coco" else "imgid"
     records: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
     num_trimmed = dict.fromkeys(SPLITS, 0)
-    for position, image in enumerate(images):
+    for position, image in enumerate(content["images"]):
+
+        def bad(problem: str) -> ValueError:
+            name = image.get("filename") if isinstance(image, dict) else None
+            return ValueError(f"{json_path} image {position}{f' ({name})' if name else ''}: {problem}.")
+
+        if not isinstance(image, dict):
+            raise bad(f"expected an object, got {type(image).__name__}")
+        for key, kind in (("split", str), ("filename", str), ("sentences", list), (id_key, int)):
+            if key not in image:
+                raise bad(f"the key {key!r} is missing")
+            if not isinstance(image[key], kind) or isinstance(image[key], bool):
+                raise bad(f"{key!r} must be a {kind.__name__}, got {image[key]!r}")
         if image["split"] not in KARPATHY_JSON_SPLITS:
-            raise ValueError(
-                f"{json_path} image {position} ({image['filename']}) has split {image['split']!r}; "
-                f"expected one of {sorted(KARPATHY_JSON_SPLITS)}."
-            )
+            raise bad(f"split {image['split']!r}; expected one of {sorted(KARPATHY_JSON_SPLITS)}")
         split = KARPATHY_JSON_SPLITS[image["split"]]
-        captions = [sentence["raw"].strip() for sentence in image["sentences"]]
+        captions = []
+        for number, sentence in enumerate(image["sentences"]):
+            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
+                raise bad(f"sentence {number} must be an object with a \"raw\" string, got {sentence!r}")
+            captions.append(sentence["raw"].strip())
         if len(captions) < KARPATHY_JSON_CAPTIONS_PER_IMAGE or not all(captions[:KARPATHY_JSON_CAPTIONS_PER_IMAGE]):
-            raise ValueError(
-                f"{json_path} image {position} ({image['filename']}) has {len(captions)} captions "
-                f"({sum(not caption for caption in captions)} empty); every image needs "
-                f"{KARPATHY_JSON_CAPTIONS_PER_IMAGE} non-empty captions."
+            raise bad(
+                f"{len(captions)} captions ({sum(not caption for caption in captions)} empty); every image needs "
+                f"{KARPATHY_JSON_CAPTIONS_PER_IMAGE} non-empty captions"
             )
         if len(captions) > KARPATHY_JSON_CAPTIONS_PER_IMAGE:
             num_trimmed[split] += 1
-        image_id = image["cocoid"] if dataset == "coco" else image["imgid"]
-        filename = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
-        records[split].append(ImageRecord(int(image_id), filename, captions[:KARPATHY_JSON_CAPTIONS_PER_IMAGE]))
+        filepath = image.get("filepath")
+        filename = f"{filepath}/{image['filename']}" if filepath else image["filename"]
+        records[split].append(ImageRecord(image[id_key], filename, captions[:KARPATHY_JSON_CAPTIONS_PER_IMAGE]))
     return records, num_trimmed
 
 
@@ -270,12 +322,18 @@ def find_image_problem(path: str) -> str | None:
 
 
 def check_images(
-    records: list[ImageRecord], image_dir: Path, split: str, num_proc: int, skip_missing: bool
+    records: list[ImageRecord],
+    image_dir: Path,
+    split: str,
+    num_proc: int,
+    skip_missing: bool,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
 ) -> tuple[list[ImageRecord], list[tuple[str, str]]]:
     """Decode every image; returns the usable records and the (filename, problem) of the others.
 
     Raises:
-        ValueError: some images are unusable and `skip_missing` is False.
+        ValueError: some images are unusable and `skip_missing` is False; or with `skip_missing`, more than
+            `max_skipped_fraction` of them (a wrong `--image_dir` looks like that), or all of them.
     """
     paths = [str(image_dir / record.filename) for record in records]
     progress = dict(total=len(paths), desc=f"Checking {split} images", unit=" images")
@@ -292,7 +350,73 @@ def check_images(
             "Fix or restore them (check --image_dir), or pass --skip_missing to leave them out."
         )
     kept = [record for record, problem in zip(records, problems) if problem is None]
+    if bad and (not kept or len(bad) > max_skipped_fraction * len(records)):
+        examples = "; ".join(f"{image_dir / filename}: {problem}" for filename, problem in bad[:MAX_LISTED])
+        raise ValueError(
+            f"--skip_missing would leave out {len(bad)} of the {len(records)} {split} images "
+            f"({100 * len(bad) / len(records):.1f}%, more than --max_skipped_fraction {max_skipped_fraction:g}"
+            f"{'; the split would be empty' if not kept else ''}), e.g. {examples}. Check --image_dir; to build "
+            "with that many images left out, raise --max_skipped_fraction."
+        )
     return kept, bad
+
+
+def _check_image_ids(records: dict[str, list[ImageRecord]]) -> None:
+    """The same image id twice in a split, or in two splits (a train/test leak), is an error listing them."""
+    owners: dict[int, list[str]] = collections.defaultdict(list)
+    for split, split_records in records.items():
+        counts = collections.Counter(record.image_id for record in split_records)
+        repeated = [image_id for image_id, count in counts.items() if count > 1]
+        if repeated:
+            raise ValueError(
+                f"{len(repeated)} image ids appear more than once in the {split} split, e.g. {repeated[:MAX_LISTED]}; "
+                "each image must be one row. Check the caption/id files or the JSON for duplicated entries."
+            )
+        for image_id in counts:
+            owners[image_id].append(split)
+    shared = {image_id: splits for image_id, splits in owners.items() if len(splits) > 1}
+    if shared:
+        examples = ", ".join(f"{image_id} ({' and '.join(splits)})" for image_id, splits in list(shared.items())[:MAX_LISTED])
+        raise ValueError(
+            f"{len(shared)} image ids are in more than one split, e.g. {examples}: a train/test leak would make "
+            "the test recall meaningless. Use the files of one Karpathy split set."
+        )
+
+
+def _check_caption_counts(records: dict[str, list[ImageRecord]], source: str) -> None:
+    """Every split must have the same number of captions per image."""
+    counts = {split: len(split_records[0].captions) for split, split_records in records.items() if split_records}
+    if len(set(counts.values())) > 1:
+        raise ValueError(
+            f"The splits of {source} have different numbers of captions per image: "
+            + ", ".join(f"{split} {count}" for split, count in counts.items())
+            + ". Check that the files belong to one dataset."
+        )
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """
+    Before any work: `output_dir` must be new or empty (or `overwrite`), and its parent a writable folder.
+    Returns it as a `Path`.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise ValueError(f"--output_dir {output_dir} exists and is not a folder.")
+        if any(output_dir.iterdir()) and not overwrite:
+            raise ValueError(
+                f"--output_dir {output_dir} is not empty. Pass --overwrite to replace it whole (the new dataset is "
+                "written beside it and swapped in when complete), or choose another folder."
+            )
+    parent = output_dir.resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir {output_dir} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output_dir {output_dir} cannot be written: {existing} is not writable.")
+    return output_dir
 
 
 # ---------------------------------------------------------------------------
@@ -308,6 +432,8 @@ def build_dataset(
     splits: list[str] | None = None,
     skip_missing: bool = False,
     num_proc: int = 1,
+    captions_per_image: int | None = CAPTIONS_PER_IMAGE,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
 ) -> datasets.DatasetDict:
     """Read captions and check images; the returned splits point at the image files.
 
@@ -332,7 +458,9 @@ def build_dataset(
         if splits is None:
             stems = CAPTION_FILE_STEMS[dataset]
             splits = [split for split in SPLITS if (data_dir / f"{stems[split]}_caps.txt").is_file()]
-        records = {split: read_caption_files(data_dir, dataset, split, image_dir) for split in splits}
+        records = {
+            split: read_caption_files(data_dir, dataset, split, image_dir, captions_per_image) for split in splits
+        }
     elif input_format == "karpathy-json":
         all_records, trimmed = read_karpathy_json(data_dir / KARPATHY_JSON_NAMES[dataset], dataset)
         splits = splits or [split for split in SPLITS if all_records[split]]
@@ -344,10 +472,14 @@ def build_dataset(
         raise ValueError(f"input_format must be 'caption-files' or 'karpathy-json', got {input_format!r}.")
     if not splits:
         raise ValueError(f"No split found in {data_dir} for --format {input_format} --dataset {dataset}.")
+    _check_image_ids(records)
+    _check_caption_counts(records, str(data_dir))
+    if not 0 <= max_skipped_fraction <= 1:
+        raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.")
 
     dataset_dict = datasets.DatasetDict()
     for split in splits:
-        kept, skipped = check_images(records[split], image_dir, split, num_proc, skip_missing)
+        kept, skipped = check_images(records[split], image_dir, split, num_proc, skip_missing, max_skipped_fraction)
         description = _describe_split(dataset, input_format, split, data_dir, kept, skipped, trimmed[split])
         logger.log(logging.WARNING if skipped else logging.INFO, description)
         dataset_dict[split] = datasets.Dataset.from_dict(
@@ -389,16 +521,33 @@ def _describe_split(
     return "\n".join(lines)
 
 
-def save_dataset(dataset_dict: datasets.DatasetDict, output_dir: str | os.PathLike, parquet: bool = False) -> None:
-    """`save_to_disk` (embedding each image's bytes) and, with `parquet`, one parquet file per split."""
-    dataset_dict.save_to_disk(str(output_dir))
+def save_dataset(
+    dataset_dict: datasets.DatasetDict, output_dir: str | os.PathLike, parquet: bool = False, overwrite: bool = False
+) -> None:
+    """
+    `save_to_disk` (embedding each image's bytes) and, with `parquet`, one parquet file per split. Written into a
+    temporary folder beside `output_dir` and renamed when complete, so a killed build never leaves a half-written
+    dataset, nor destroys the one already there; with `overwrite` an existing `output_dir` is replaced whole.
+    """
+    output_dir = check_output_dir(output_dir, overwrite)
+    temporary = output_dir.with_name(f"{output_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    dataset_dict.save_to_disk(str(temporary))
     if parquet:
         # Export from the saved copy: it holds the image bytes, while the built splits point at files.
-        saved = datasets.load_from_disk(str(output_dir))
-        parquet_dir = Path(output_dir) / "parquet"
+        saved = datasets.load_from_disk(str(temporary))
+        parquet_dir = temporary / "parquet"
         parquet_dir.mkdir(exist_ok=True)
         for split, split_dataset in saved.items():
             split_dataset.to_parquet(str(parquet_dir / f"{split}.parquet"))
+        del saved
+    if output_dir.exists():
+        previous = output_dir.with_name(f"{output_dir.name}.replaced-{os.getpid()}")
+        os.replace(output_dir, previous)
+        os.replace(temporary, output_dir)
+        shutil.rmtree(previous)
+    else:
+        os.replace(temporary, output_dir)
     logger.info("Saved %s to %s", {split: len(rows) for split, rows in dataset_dict.items()}, output_dir)
 
 
@@ -417,12 +566,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="processes decoding images")
     parser.add_argument("--parquet", action="store_true", help="also write output_dir/parquet/{split}.parquet")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output_dir whole (default: refuse)"
+    )
+    parser.add_argument(
+        "--captions_per_image", type=int, default=CAPTIONS_PER_IMAGE,
+        help="captions every image must have (Flickr30K and MSCOCO: 5); 0 accepts any number, the same for all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max_skipped_fraction", type=float, default=MAX_SKIPPED_FRACTION,
+        help="with --skip_missing: the largest share of a split's images that may be left out",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.captions_per_image < 0:
+        parser.error(f"--captions_per_image must be >= 0, got {args.captions_per_image}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_output_dir(args.output_dir, args.overwrite)  # before decoding every image
     dataset_dict = build_dataset(
         args.format,
         args.data_dir,
@@ -431,8 +595,10 @@ def main(argv: list[str] | None = None) -> None:
         splits=args.splits,
         skip_missing=args.skip_missing,
         num_proc=args.num_proc,
+        captions_per_image=args.captions_per_image or None,
+        max_skipped_fraction=args.max_skipped_fraction,
     )
-    save_dataset(dataset_dict, args.output_dir, parquet=args.parquet)
+    save_dataset(dataset_dict, args.output_dir, parquet=args.parquet, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

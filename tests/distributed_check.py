@@ -2,7 +2,7 @@
 Run under `torchrun --nproc_per_node 2 tests/distributed_check.py OUTPUT_JSON` (CPU, gloo).
 
 Each process holds half of a global batch of 6 (image, caption) pairs; `SCTATrainer.compute_loss` gathers the
-tokens with gradient. The loss summed over processes and the DDP-averaged gradients must equal a single process
+tokens and the global embeddings (the auxiliary objective is on) with gradient. The loss summed over processes and the DDP-averaged gradients must equal a single process
 computing the same global batch, in both loss phases (sum over negatives, hardest negative).
 """
 
@@ -17,7 +17,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import torch  # noqa: E402
 
-from modeling_scta import SCTAModel, scta_loss  # noqa: E402
+from modeling_scta import SCTAModel, cosine_similarity_matrix, scta_with_global_loss  # noqa: E402
 from run_retrieval import SCTATrainer, SCTATrainingArguments, leave_process_group  # noqa: E402
 from tiny_models import random_text_batch, tiny_scta_config  # noqa: E402
 
@@ -36,7 +36,8 @@ def main(output_json: str) -> None:
     assert world_size == 2, f"run with torchrun --nproc_per_node 2 (world size {world_size})"
 
     torch.manual_seed(0)
-    model = SCTAModel(tiny_scta_config()).eval()  # eval: no dropout, so both runs see the same network
+    # eval: no dropout, so both runs see the same network; the auxiliary global objective on, to check it too
+    model = SCTAModel(tiny_scta_config(global_loss_weight=0.5)).eval()
     reference = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     pixel_values = torch.randn(6, 3, 32, 32, generator=generator)
@@ -51,11 +52,14 @@ def main(output_json: str) -> None:
     report = {}
     for phase, epoch in (("sum_over_negatives", 0.5), ("hardest_negative", 1.5)):
         reference.zero_grad()
-        expected = scta_loss(
-            reference(pixel_values, input_ids, attention_mask).logits_per_image,
+        reference_outputs = reference(pixel_values, input_ids, attention_mask)
+        expected, _ = scta_with_global_loss(
+            reference_outputs.logits_per_image,
+            cosine_similarity_matrix(reference_outputs.image_global_embeds, reference_outputs.text_global_embeds),
             image_ids,
             reference.config.margin,
             hardest_negative=epoch >= 1,
+            global_loss_weight=reference.config.global_loss_weight,
         )
         expected.backward()
 

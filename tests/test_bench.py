@@ -15,6 +15,7 @@ if str(BENCH) not in sys.path:
 
 import bench_similarity  # noqa: E402
 import bench_train_step  # noqa: E402
+import bench_two_stage  # noqa: E402
 import benchlib  # noqa: E402
 
 
@@ -101,3 +102,56 @@ def test_a_real_disagreement_with_the_loop_is_not_excused_as_a_near_tie():
     # random inputs have no exact tie at the top-K boundary here, so the difference stays an error
     assert pair["selection_gap"] >= bench_similarity.NEAR_TIE
     assert not comparison["agrees_with_loop"]
+
+
+def test_two_stage_benchmark_runs_and_its_reranked_scores_are_exact(tmp_path, one_thread, synthetic_dir):
+    import datasets
+
+    from conftest import TINY_TOWERS
+    from modeling_scta import SCTAModel
+    from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
+    from run_retrieval import _tower_config
+
+    captions = [c for row in datasets.load_from_disk(synthetic_dir)["train"]["captions"] for c in row]
+    processor = SCTAProcessor.from_tokenizer(train_wordpiece_tokenizer(captions, vocab_size=300), image_size=32)
+    torch.manual_seed(0)
+    text_config = _tower_config({**TINY_TOWERS["text_config"], "vocab_size": len(processor.tokenizer)}, "text")
+    config = bench_two_stage.SCTAModel.config_class.from_vision_text_configs(
+        _tower_config(TINY_TOWERS["vision_config"], "vision"), text_config, embed_size=32
+    )
+    model_dir = tmp_path / "model"
+    SCTAModel(config).save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+
+    path = tmp_path / "two_stage.json"
+    argv = ["--models", str(model_dir), "--dataset-dir", synthetic_dir, "--ks", "4", "80", "--middle-n", "8",
+            "--scale", "--quick", "--json", str(path), *one_thread]  # fmt: skip
+    results = bench_two_stage.main(argv)
+    (summary,) = results["models"]
+    assert summary["images"] == 16 and summary["captions"] == 80
+    rows = {(row["stage"], row["k"]): row for row in summary["rows"]}
+    assert set(rows) == {(stage, k) for stage in ("global", "cls", "global>independent@8") for k in (4, 80)}
+    for row in summary["rows"]:
+        assert row["max_abs_diff_vs_exhaustive"] <= 1e-5
+        assert 0 <= row["candidate_recall_t2i"] <= 100 and row["head_pairs"] <= 16 * 80
+    # k = 80 covers the corpus: the exhaustive ranking, whatever the first stage
+    exhaustive = summary["exhaustive"]
+    for stage in ("global", "cls"):
+        assert rows[(stage, 80)]["r1_i2t"] == pytest.approx(exhaustive["r1_i2t"])
+        assert rows[(stage, 80)]["rsum"] == pytest.approx(exhaustive["rsum"])
+    assert rows[("global", 4)]["head_pairs"] < rows[("global", 80)]["head_pairs"] == 16 * 80
+    latency = results["scale"]["latency"]
+    assert {row["gallery"] for row in latency} == {1000, 5000}
+    assert all(row["two_stage_s"] > 0 and row["exhaustive_s"] > 0 for row in latency)
+    assert json.loads(path.read_text())["models"][0]["exhaustive"]["head_pairs"] == 16 * 80
+
+
+def test_full_size_evaluation_benchmark_runs_at_tiny_shapes(tmp_path, one_thread):
+    import bench_full_size_eval
+
+    results = bench_full_size_eval.main(["--quick", "--sweep", "--device", "cpu", "--json", str(tmp_path / "f.json"), *one_thread])
+    (size,) = results["sizes"]
+    assert (size["images"], size["captions"]) == (20, 100) and size["exhaustive_measured"]
+    assert [(row["k"], row["middle_n"]) for row in size["two_stage"]] == [(4, 0), (4, 8)]
+    assert all(0 < row["head_pairs"] <= 20 * 100 and row["scoring_s"] > 0 for row in size["two_stage"])
+    assert all(row["pairs_per_s"] > 0 for row in results["sweep"])

@@ -29,14 +29,16 @@ def read_lines(path: Path) -> list[str]:
 
 
 def write_caption_files(data_dir: Path, image_dir: Path, split: str, images: dict[int, list[str]]) -> None:
-    """`{split}_caps.txt`, `{split}_ids.txt` (one id per caption), id_mapping.json and an 8x8 JPEG per image."""
+    """`{split}_caps.txt`, `{split}_ids.txt` (one id per caption), id_mapping.json (extended) and an 8x8 JPEG per image."""
     data_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / f"{split}_caps.txt").write_text(
         "".join(c + "\n" for cs in images.values() for c in cs), encoding="utf-8"
     )
     (data_dir / f"{split}_ids.txt").write_text("".join(f"{i}\n" for i, cs in images.items() for _ in cs))
-    (data_dir / "id_mapping.json").write_text(json.dumps({str(i): f"img_{i}.jpg" for i in images}))
+    mapping_path = data_dir / "id_mapping.json"
+    mapping = json.loads(mapping_path.read_text()) if mapping_path.exists() else {}  # one mapping for all splits
+    mapping_path.write_text(json.dumps({**mapping, **{str(i): f"img_{i}.jpg" for i in images}}))
     for image_id in images:
         (image_dir / f"img_{image_id}.jpg").write_bytes(jpeg_bytes())
 
@@ -167,7 +169,7 @@ def test_per_image_id_files_and_image_modes_are_stored_as_they_are(tmp_path):
     (data_dir / "test_caps.txt").write_text("".join(f"{name} caption {i}\n" for name in images for i in range(2)))
     (data_dir / "test_ids.txt").write_text("".join(f"{image_id}\n" for image_id in range(len(images))))
     (data_dir / "id_mapping.json").write_text(json.dumps({str(i): name for i, name in enumerate(images)}))
-    built = build_dataset("caption-files", data_dir, image_dir, dataset="f30k")["test"]
+    built = build_dataset("caption-files", data_dir, image_dir, dataset="f30k", captions_per_image=2)["test"]
     output_dir = tmp_path / "out"
     built.save_to_disk(str(output_dir))
     saved = datasets.load_from_disk(str(output_dir)).cast_column("image", datasets.Image(decode=False))
@@ -230,7 +232,9 @@ def test_skip_missing_leaves_bad_images_out_and_counts_them(tmp_path, caplog):
         build_dataset("caption-files", data_dir, image_dir, dataset="f30k", num_proc=2)
 
     with caplog.at_level(logging.WARNING):
-        built = build_dataset("caption-files", data_dir, image_dir, dataset="f30k", skip_missing=True, num_proc=2)
+        built = build_dataset(
+            "caption-files", data_dir, image_dir, dataset="f30k", skip_missing=True, num_proc=2, max_skipped_fraction=1.0
+        )
     assert built["dev"]["image_id"] == [10, 16]
     assert built["dev"]["captions"] == [five_captions(10), five_captions(16)]
     assert "5 images skipped as missing or unreadable (--skip_missing)" in caplog.text
@@ -261,7 +265,7 @@ def test_an_image_with_another_caption_count_is_an_error(tmp_path, num_captions)
     images = {image_id: five_captions(image_id) for image_id in range(10, 14)}
     images[12] = [f"odd caption {index}" for index in range(num_captions)]
     write_caption_files(data_dir, image_dir, "dev", images)
-    expected = r"1 of the 4 images of .*dev_caps\.txt / .*dev_ids\.txt do not have the 5 of the others: "
+    expected = r"Every image must have 5 captions, but 1 of the 4 images of .*dev_caps\.txt / .*dev_ids\.txt do not: "
     expected += rf"image 12 \(first line 11\) has {num_captions}"
     with pytest.raises(ValueError, match=expected):
         build_dataset("caption-files", data_dir, image_dir, dataset="f30k")
@@ -351,3 +355,137 @@ def test_karpathy_json(tmp_path):
     (data_dir / "dataset_flickr30k.json").write_text(json.dumps({"images": images[:3], "dataset": "flickr30k"}))
     flickr = build_dataset("karpathy-json", data_dir, image_dir, dataset="f30k", splits=["train"])
     assert list(flickr) == ["train"] and flickr["train"]["image_id"] == [0, 1]  # Flickr30K ids are Karpathy's imgid
+
+
+# ---------------------------------------------------------------------------
+# No silent data loss (reliability, round 2)
+# ---------------------------------------------------------------------------
+
+
+def build_command(small_files, output_dir, *extra) -> list[str]:
+    data_dir, image_dir = small_files
+    return ["--format", "caption-files", "--dataset", "f30k", "--data_dir", str(data_dir), "--image_dir",
+            str(image_dir), "--output_dir", str(output_dir), "--num_proc", "1", *extra]  # fmt: skip
+
+
+def test_a_non_empty_output_dir_is_refused_and_overwrite_replaces_it_whole(small_files, tmp_path):
+    data_dir, image_dir = small_files
+    write_caption_files(data_dir, image_dir, "test", {image_id: five_captions(image_id) for image_id in range(20, 23)})
+    output_dir = tmp_path / "out"
+    main(build_command(small_files, output_dir, "--parquet"))
+    assert set(datasets.load_from_disk(str(output_dir))) == {"dev", "test"}
+    with pytest.raises(ValueError, match=r"--output_dir .*out is not empty. Pass --overwrite"):
+        main(build_command(small_files, output_dir, "--splits", "test"))
+    assert set(datasets.load_from_disk(str(output_dir))) == {"dev", "test"}  # untouched
+    main(build_command(small_files, output_dir, "--splits", "test", "--overwrite"))
+    assert set(datasets.load_from_disk(str(output_dir))) == {"test"}
+    assert not (output_dir / "parquet").exists()  # nothing of the previous build is left beside it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.")] == []
+
+
+def test_a_build_killed_while_saving_leaves_the_previous_dataset_intact(small_files, tmp_path, monkeypatch):
+    output_dir = tmp_path / "out"
+    main(build_command(small_files, output_dir))
+    before = datasets.load_from_disk(str(output_dir))["dev"]["image_id"]
+
+    def killed(self, path, *args, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "dataset_dict.json").write_text("{")  # half-written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(build_command(small_files, output_dir, "--overwrite"))
+    monkeypatch.undo()
+    assert datasets.load_from_disk(str(output_dir))["dev"]["image_id"] == before
+
+
+def test_an_unusable_output_dir_is_found_before_any_image_is_decoded(small_files, tmp_path, monkeypatch):
+    import dataset_scripts.build_retrieval_dataset as builder
+
+    decoded = []
+    monkeypatch.setattr(builder, "find_image_problem", lambda path: decoded.append(path))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot be created: .*a_file is a file"):
+        main(build_command(small_files, tmp_path / "a_file" / "out"))
+    with pytest.raises(ValueError, match=r"exists and is not a folder"):
+        main(build_command(small_files, tmp_path / "a_file"))
+    assert decoded == []
+
+
+def test_a_per_image_ids_file_cut_short_is_an_error_not_a_merge(small_files):
+    data_dir, _ = small_files
+    ids = read_lines(data_dir / "dev_ids.txt")[::5]  # one id per image: 4 ids for 20 captions
+    (data_dir / "dev_ids.txt").write_text("".join(f"{i}\n" for i in ids[:2]))  # cut short: 2 ids
+    with pytest.raises(ValueError, match=r"has 2 ids for the 20 captions .*would give 10 captions per image"):
+        build_small(small_files)
+    # any caption count, when asked for, but the same in every split
+    (data_dir / "dev_ids.txt").write_text("".join(f"{i}\n" for i in ids[:2]))
+    assert build_small(small_files, captions_per_image=None)["dev"].num_rows == 2
+
+
+def test_caption_counts_must_agree_between_splits(small_files):
+    data_dir, image_dir = small_files
+    write_caption_files(data_dir, image_dir, "test", {20: ["a", "b", "c"], 21: ["d", "e", "f"]})
+    with pytest.raises(ValueError, match=r"different numbers of captions per image: dev 5, test 3"):
+        build_small(small_files, captions_per_image=None)
+    with pytest.raises(ValueError, match="Every image must have 5 captions"):
+        build_small(small_files)
+
+
+def test_skip_missing_refuses_an_empty_split_or_too_many_skipped_images(small_files, tmp_path):
+    data_dir, image_dir = small_files
+    with pytest.raises(ValueError, match=r"leave out 4 of the 4 dev images \(100\.0%.*the split would be empty"):
+        build_dataset("caption-files", data_dir, tmp_path, dataset="f30k", skip_missing=True)  # wrong --image_dir
+    (image_dir / "img_11.jpg").unlink()
+    with pytest.raises(ValueError, match=r"leave out 1 of the 4 dev images \(25\.0%, more than --max_skipped_fraction 0\.01.*raise --max_skipped_fraction"):
+        build_small(small_files, skip_missing=True)
+    assert build_small(small_files, skip_missing=True, max_skipped_fraction=0.25)["dev"]["image_id"] == [10, 12, 13]
+
+
+def test_the_same_image_in_two_splits_or_twice_in_one_is_an_error(small_files, tmp_path):
+    data_dir, image_dir = small_files
+    write_caption_files(data_dir, image_dir, "test", {13: five_captions(13), 30: five_captions(30)})
+    mapping = {str(i): f"img_{i}.jpg" for i in (10, 11, 12, 13, 30)}
+    (data_dir / "id_mapping.json").write_text(json.dumps(mapping))
+    with pytest.raises(ValueError, match=r"1 image ids are in more than one split, e\.g\. 13 \(dev and test\)"):
+        build_small(small_files)
+    images = [{"imgid": 1, "split": "test", "filename": "a.jpg", "sentences": [{"raw": f"c {k}"} for k in range(5)]}]
+    json_dir = tmp_path / "json"
+    json_dir.mkdir()
+    (json_dir / "dataset_flickr30k.json").write_text(json.dumps({"images": images * 2}))
+    with pytest.raises(ValueError, match=r"1 image ids appear more than once in the test split, e\.g\. \[1\]"):
+        build_dataset("karpathy-json", json_dir, image_dir, dataset="f30k")
+
+
+GOOD_IMAGE = {"imgid": 7, "split": "test", "filename": "a.jpg", "sentences": [{"raw": f"c {k}"} for k in range(5)]}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", r"dataset_flickr30k\.json is not valid JSON: .* at line 1, column 2"),
+        ("[]", r"must be a JSON object with an \"images\" list"),
+        (json.dumps({"images": [{k: v for k, v in GOOD_IMAGE.items() if k != "split"}]}), r"image 0 \(a\.jpg\): the key 'split' is missing"),
+        (json.dumps({"images": [GOOD_IMAGE, {**GOOD_IMAGE, "imgid": "8"}]}), r"image 1 \(a\.jpg\): 'imgid' must be a int, got '8'"),
+        (json.dumps({"images": [{**GOOD_IMAGE, "sentences": [{"tokens": []}] * 5}]}), r"image 0 \(a\.jpg\): sentence 0 must be an object with a \"raw\" string"),
+        (json.dumps({"images": ["a.jpg"]}), r"image 0: expected an object, got str"),
+    ],
+    ids=["syntax", "not-an-object", "missing-key", "wrong-type", "bad-sentence", "not-a-record"],
+)
+def test_a_malformed_karpathy_json_names_the_file_image_and_key(tmp_path, content, message):
+    (tmp_path / "dataset_flickr30k.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        build_dataset("karpathy-json", tmp_path, tmp_path, dataset="f30k")
+
+
+def test_a_malformed_id_mapping_and_a_bom_in_the_ids_file(small_files):
+    data_dir, _ = small_files
+    (data_dir / "dev_ids.txt").write_text("\ufeff" + (data_dir / "dev_ids.txt").read_text(), encoding="utf-8")
+    assert build_small(small_files)["dev"]["image_id"] == [10, 11, 12, 13]  # the BOM is not part of the first id
+    (data_dir / "id_mapping.json").write_text('{"10": "img_10.jpg",')
+    with pytest.raises(ValueError, match=r"id_mapping\.json is not valid JSON"):
+        build_small(small_files)
+    (data_dir / "id_mapping.json").write_text('["img_10.jpg"]')
+    with pytest.raises(ValueError, match=r"id_mapping\.json must be a JSON object mapping image ids to file names"):
+        build_small(small_files)

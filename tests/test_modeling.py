@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertModel, ViTModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from configuration_scta import SCTAConfig
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel, hinge_loss_one_direction, scta_loss
@@ -71,8 +72,11 @@ class SCTAModelTester:
         assert outputs.kept_patch_fraction.item() == pytest.approx(
             self.config.num_kept_patches / self.config.num_patches
         )
+        assert outputs.image_global_embeds.shape == (3, self.config.embed_size)
+        assert outputs.text_global_embeds.shape == (3, self.config.embed_size)
         assert set(outputs.keys()) == {
-            "loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "kept_patch_fraction"
+            "loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "kept_patch_fraction",
+            "image_global_embeds", "text_global_embeds",
         }
         return outputs
 
@@ -167,10 +171,16 @@ def test_towers_have_no_pooler_and_features_have_documented_shapes():
     assert model.vision_model.pooler is None and model.text_model.pooler is None
     image_features = model.get_image_features(tester.pixel_values)
     text_features = model.get_text_features(tester.input_ids, tester.attention_mask)
-    assert image_features.shape == (3, 17, 24)
-    assert text_features.shape == (3, 9, 24)
-    scores = model.similarity(image_features, text_features, tester.attention_mask)
-    assert torch.equal(scores, model(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image)
+    assert isinstance(image_features, BaseModelOutputWithPooling)
+    assert isinstance(text_features, BaseModelOutputWithPooling)
+    assert image_features.last_hidden_state.shape == (3, 17, 24)
+    assert text_features.last_hidden_state.shape == (3, 9, 24)
+    assert image_features.pooler_output.shape == text_features.pooler_output.shape == (3, 24)
+    scores = model.similarity(image_features.last_hidden_state, text_features.last_hidden_state, tester.attention_mask)
+    outputs = model(tester.pixel_values, tester.input_ids, tester.attention_mask)
+    assert torch.equal(scores, outputs.logits_per_image)
+    assert torch.equal(image_features.pooler_output, outputs.image_global_embeds)
+    assert torch.equal(text_features.pooler_output, outputs.text_global_embeds)
 
 
 def test_forward_rejects_mismatched_inputs():

@@ -101,18 +101,18 @@ def test_resuming_from_a_torn_or_missing_checkpoint_is_an_error(tmp_path, synthe
 
 @pytest.fixture
 def poisoned_loss(monkeypatch):
-    """Make `scta_loss` non-finite on the chosen (1-based) calls."""
-    original = run_retrieval.scta_loss
+    """Make the training loss (`scta_with_global_loss`) non-finite on the chosen (1-based) calls."""
+    original = run_retrieval.scta_with_global_loss
 
     def install(poisoned_calls):
         calls = []
 
         def poisoned(*args, **kwargs):
             calls.append(None)
-            loss = original(*args, **kwargs)
-            return loss * float("nan") if len(calls) in poisoned_calls else loss
+            loss, global_loss = original(*args, **kwargs)
+            return (loss * float("nan") if len(calls) in poisoned_calls else loss), global_loss
 
-        monkeypatch.setattr(run_retrieval, "scta_loss", poisoned)
+        monkeypatch.setattr(run_retrieval, "scta_with_global_loss", poisoned)
 
     return install
 

@@ -20,14 +20,19 @@ import run_retrieval
 from conftest import REPO, tiny_run_config, write_config
 from fresh_process import run_without_project
 from run_retrieval import (
+    NON_CANDIDATE_OFFSET,
     SCTATrainer,
     SCTATrainingArguments,
+    candidate_recall,
     check_launch,
+    first_stage_candidates,
     format_results,
     recall_summary,
     retrieval_eval_loss,
     retrieval_metrics,
     retrieval_ranks,
+    two_stage_pairs,
+    two_stage_score_matrices,
 )
 
 
@@ -279,6 +284,84 @@ def test_evaluating_the_saved_folder_reproduces_its_metrics(trained_run, tmp_pat
     }
 
 
+# ---------------------------------------------------------------------------------------------- two-stage
+
+
+def test_candidate_recall_and_two_stage_matrices_on_a_hand_built_case():
+    # 3 images, 5 captions: captions 0, 1 show image 0; 2, 3 image 1; 4 image 2
+    caption_to_image = torch.tensor([0, 0, 1, 1, 2])
+    global_scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.8, 0.2, 0.0],  # image 0: top-2 captions 0, 2 -> a positive (0) is among them
+            [0.7, 0.6, 0.1, 0.05, 0.5],  # image 1: top-2 captions 0, 1 -> neither of its captions 2, 3
+            [0.3, 0.2, 0.05, 0.0, 0.4],  # image 2: top-2 captions 4, 0 -> its caption 4
+        ]
+    )
+    top_captions, top_images = first_stage_candidates(global_scores, 2)
+    assert top_captions.tolist() == [[0, 2], [0, 1], [4, 0]]
+    # columns: caption 0 -> images 0, 1; 1 -> 1, 2; 2 -> 0, 1; 3 -> 0, 1; 4 -> 1, 2
+    assert top_images.tolist() == [[0, 1], [1, 2], [0, 1], [0, 1], [1, 2]]
+    recall_i2t, recall_t2i = candidate_recall(top_captions, top_images, caption_to_image)
+    assert recall_i2t == pytest.approx(100 * 2 / 3)
+    assert recall_t2i == pytest.approx(100 * 4 / 5)  # caption 1 (image 0) lost its image
+
+    pair_keys, inverse = two_stage_pairs(top_captions, top_images)
+    expected_pairs = {(0, 0), (0, 2), (1, 0), (1, 1), (2, 4), (2, 0), (2, 1), (0, 3), (1, 2), (1, 3), (1, 4)}
+    assert {(int(k) // 5, int(k) % 5) for k in pair_keys} == expected_pairs
+    exact = torch.arange(15, dtype=torch.float32).view(3, 5) / 10  # stands in for head scores
+    pair_scores = exact.view(-1)[pair_keys]
+    image_to_text, text_to_image = two_stage_score_matrices(global_scores.clone(), top_captions, top_images, pair_scores, inverse)
+    for image in range(3):
+        for caption in range(5):
+            in_i2t = caption in top_captions[image].tolist()
+            in_t2i = image in top_images[caption].tolist()
+            fallback = float(global_scores[image, caption]) - NON_CANDIDATE_OFFSET
+            assert float(image_to_text[image, caption]) == pytest.approx(exact[image, caption] if in_i2t else fallback)
+            assert float(text_to_image[image, caption]) == pytest.approx(exact[image, caption] if in_t2i else fallback)
+
+
+def _eval_config(trained_run, synthetic_dir, output_dir, **overrides):
+    return {
+        "model_name_or_path": str(trained_run.output_dir),
+        "dataset_dir": synthetic_dir,
+        "output_dir": str(output_dir),
+        "do_train": False, "do_eval": True,
+        "per_device_eval_batch_size": 5, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+        **overrides,
+    }
+
+
+def _quality_metrics(results: dict) -> dict:
+    skip = ("runtime", "per_second", "_pairs", "candidate_recall")
+    return {name: value for name, value in results.items() if not any(part in name for part in skip)}
+
+
+def test_two_stage_evaluation_equals_exhaustive_when_k_covers_the_corpus(trained_run, tmp_path, synthetic_dir):
+    exhaustive = run_retrieval.main([write_config(tmp_path / "a.json", _eval_config(trained_run, synthetic_dir, tmp_path / "a"))])
+    # 16 dev images x 80 captions: k = 80 covers every caption of an image and every image of a caption
+    config = _eval_config(trained_run, synthetic_dir, tmp_path / "b", rerank_top_k=80)
+    two_stage = run_retrieval.main([write_config(tmp_path / "b.json", config)])
+    assert exhaustive["eval_head_pairs"] == two_stage["eval_head_pairs"] == 16 * 80
+    assert two_stage["eval_candidate_recall_i2t"] == two_stage["eval_candidate_recall_t2i"] == 100.0
+    assert "eval_candidate_recall_i2t" not in exhaustive
+    expected = _quality_metrics(exhaustive)
+    assert _quality_metrics(two_stage) == pytest.approx(expected, abs=1e-5)
+
+    # with a middle stage that also covers the corpus
+    config_middle = {**config, "output_dir": str(tmp_path / "m"), "middle_stage_top_n": 80}
+    three_stage = run_retrieval.main([write_config(tmp_path / "m.json", config_middle)])
+    assert three_stage["eval_middle_pairs"] == 16 * 80
+    assert _quality_metrics(three_stage) == pytest.approx(expected, abs=1e-5)
+
+    small = run_retrieval.main([write_config(tmp_path / "c.json", {**config, "output_dir": str(tmp_path / "c"), "rerank_top_k": 3})])
+    assert small["eval_head_pairs"] < 16 * 3 + 80 * 3  # both directions' candidates, shared pairs scored once
+    assert 0 <= small["eval_candidate_recall_t2i"] <= 100
+    with pytest.raises(ValueError, match="rerank_top_k must be >= 0"):
+        SCTATrainingArguments(output_dir=str(tmp_path), rerank_top_k=-1)
+    with pytest.raises(ValueError, match="use it with --rerank_top_k K > 0"):
+        SCTATrainingArguments(output_dir=str(tmp_path), middle_stage_top_n=8)
+
+
 class CapturingHubApi:
     """Stands in for huggingface_hub.HfApi: records repositories and copies uploaded folders."""
 
@@ -381,14 +464,12 @@ def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path):
         assert numbers["max_gradient_error"] <= 1e-5 * numbers["max_gradient"], phase
 
 
-def test_two_process_evaluation_equals_one_process(trained_run, tmp_path, synthetic_dir):
-    config = {
-        "model_name_or_path": str(trained_run.output_dir),
-        "dataset_dir": synthetic_dir,
-        "output_dir": str(tmp_path / "eval2"),
-        "do_train": False, "do_eval": True,
-        "per_device_eval_batch_size": 5, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
-    }
+@pytest.mark.parametrize("stages", [(0, 0), (4, 0), (4, 9)], ids=["exhaustive", "two-stage", "three-stage"])
+def test_two_process_evaluation_equals_one_process(trained_run, tmp_path, synthetic_dir, stages):
+    rerank_top_k, middle_stage_top_n = stages
+    config = _eval_config(
+        trained_run, synthetic_dir, tmp_path / "eval2", rerank_top_k=rerank_top_k, middle_stage_top_n=middle_stage_top_n
+    )
     _torchrun([os.path.join(REPO, "run_retrieval.py"), write_config(tmp_path / "eval2.json", config)], tmp_path)
     two = json.loads((tmp_path / "eval2" / "eval_results.json").read_text())
     one = run_retrieval.main([write_config(tmp_path / "eval1.json", {**config, "output_dir": str(tmp_path / "eval1")})])

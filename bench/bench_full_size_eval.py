@@ -1,0 +1,207 @@
+"""
+Full-size evaluation benchmark: exhaustive and two-stage scoring of a whole test split at the paper's shapes
+(ViT-B/16 + BERT-base towers, random weights), for a GPU machine.
+
+For each size in `--sizes` (default Flickr30K's 1,000 images x 5,000 captions and MSCOCO 5K's 5,000 x 25,000),
+on random pixels and random captions with the Flickr30K test caption lengths:
+- encoding: both towers over every image and caption (`encode_image_corpus` / `encode_caption_corpus` of
+  `run_retrieval.py`, the code `SCTATrainer.evaluate` runs), timed;
+- exhaustive: every pair through the head (`SCTAModel.score`), timed (or projected from `--exhaustive-images`
+  images when the full matrix would take longer than that);
+- two-stage and three-stage: `run_retrieval.two_stage_rank` at each k of `--ks` (and with the caption-independent
+  middle stage over the global top `--middle-n`), timed, with the head pairs scored.
+With `--sweep`, the head's chunk shape (`image_chunk_size x text_chunk_size`) is swept on an evaluation block to
+pick `default_chunk_sizes` for the device. Random weights give meaningless recall; this measures time and memory.
+
+    python bench/bench_full_size_eval.py --device cuda --sweep --json full_size_eval_gpu.json
+    python bench/bench_full_size_eval.py --quick          # seconds, CPU: a smoke test of the same code
+"""
+
+import argparse
+import time
+
+import torch
+from transformers import BertConfig, ViTConfig
+
+import benchlib
+from benchlib import DEFAULT_CAPTIONS_FILE, caption_token_counts, draw_lengths, format_table, logger, machine_info
+from benchlib import set_threads, synchronize, write_json
+
+from configuration_scta import SCTAConfig
+from modeling_scta import SCTAModel, default_chunk_sizes
+from run_retrieval import encode_caption_corpus, encode_image_corpus, two_stage_rank
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def build_model(args, device) -> SCTAModel:
+    if args.quick:
+        vision = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        text = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        config = SCTAConfig.from_vision_text_configs(vision, text, embed_size=32)
+    else:
+        config = SCTAConfig()  # ViT-B/16 at 224 px + BERT-base, the paper's head
+    torch.manual_seed(args.seed)
+    return SCTAModel(config).to(device).eval()
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def run_size(args, model, device, num_images: int, num_captions: int, lengths_pool) -> dict:
+    generator = torch.Generator().manual_seed(args.seed)
+    image_size = model.config.vision_config.image_size
+    vocabulary = model.config.text_config.vocab_size
+    images = _Items([{"pixel_values": torch.randn(3, image_size, image_size, generator=generator)} for _ in range(num_images)])
+    lengths = draw_lengths(lengths_pool, num_captions, args.seed)
+    captions = _Items([{"input_ids": [101] + torch.randint(1000, vocabulary, (n - 2,), generator=generator).tolist() + [102]}
+                       for n in lengths])  # fmt: skip
+    caption_to_image = torch.arange(num_captions) * num_images // num_captions
+    row = {"images": num_images, "captions": num_captions}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16_towers):
+        (image_tokens, image_global), row["encode_images_s"] = timed(
+            lambda: encode_image_corpus(model, images, args.batch_size, device), device
+        )
+        (caption_keys, caption_global), row["encode_captions_s"] = timed(
+            lambda: encode_caption_corpus(model, captions, args.batch_size, device, 0), device
+        )
+    image_tokens, image_global = image_tokens.float(), image_global.float()
+    caption_keys, caption_global = caption_keys.to(torch.float32), caption_global.float()
+    chunks = (args.image_chunk_size, args.text_chunk_size)
+    with torch.no_grad():
+        measured = min(num_images, args.exhaustive_images)
+        _, seconds = timed(lambda: model.score(image_tokens[:measured], caption_keys, *chunks), device)
+        row["exhaustive_s"] = seconds * num_images / measured
+        row["exhaustive_measured"] = measured == num_images
+        row["exhaustive_pairs_per_s"] = measured * num_captions / seconds
+
+        def score_exact(image_index, caption_index):
+            return model.score_candidates(image_tokens, caption_keys, image_index, caption_index, *chunks).float().cpu()
+
+        image_keys = model.caption_independent_image_keys(image_tokens)
+
+        def score_middle(image_index, caption_index):
+            return model.caption_independent_scores(image_keys, caption_keys, image_index, caption_index).float().cpu()
+
+        stages = []
+        for middle_n in (0, args.middle_n):
+            for k in args.ks:
+                def rank():
+                    global_scores = model.global_similarity(image_global, caption_global).float().cpu()
+                    return two_stage_rank(global_scores, caption_to_image, k, score_exact, middle_n, score_middle)
+
+                (_, _, stats), seconds = timed(rank, device)
+                stages.append({"k": k, "middle_n": middle_n, "scoring_s": seconds, **stats,
+                               "speedup": row["exhaustive_s"] / seconds})  # fmt: skip
+    row["two_stage"] = stages
+    if device.type == "cuda":
+        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
+def chunk_sweep(args, model, device, lengths_pool) -> list[dict]:
+    generator = torch.Generator().manual_seed(args.seed)
+    tokens = model.config.num_patches + 1
+    width = model.config.embed_size
+    image_tokens = torch.randn(args.sweep_images, tokens, width, generator=generator).to(device)
+    lengths = torch.tensor(draw_lengths(lengths_pool, args.sweep_captions, args.seed))
+    text = torch.randn(args.sweep_captions, int(lengths.max()), width, generator=generator).to(device)
+    mask = (torch.arange(text.shape[1])[None] < lengths[:, None]).long().to(device)
+    rows = []
+    with torch.no_grad():
+        captions = model.caption_key_tokens(text, mask)
+        for image_chunk in args.sweep_image_chunks:
+            for text_chunk in args.sweep_text_chunks:
+                row = {"image_chunk_size": image_chunk, "text_chunk_size": text_chunk}
+                try:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    model.score(image_tokens[:image_chunk], captions, image_chunk, text_chunk)  # warm-up
+                    _, seconds = timed(lambda: model.score(image_tokens, captions, image_chunk, text_chunk), device)
+                    row["pairs_per_s"] = args.sweep_images * args.sweep_captions / seconds
+                    if device.type == "cuda":
+                        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                    torch.cuda.empty_cache()
+                rows.append(row)
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sizes", nargs="+", default=["1000x5000", "5000x25000"], help="images x captions")
+    parser.add_argument("--ks", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--middle-n", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images or captions per tower batch")
+    parser.add_argument("--bf16-towers", action="store_true", help="encode under bf16 autocast (the head stays fp32)")
+    parser.add_argument("--exhaustive-images", type=int, default=5000, help="images the exhaustive head is timed on")
+    parser.add_argument("--image-chunk-size", type=int, default=None)
+    parser.add_argument("--text-chunk-size", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true", help="sweep the head's chunk shape")
+    parser.add_argument("--sweep-image-chunks", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--sweep-text-chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--sweep-images", type=int, default=256)
+    parser.add_argument("--sweep-captions", type=int, default=4096)
+    parser.add_argument("--captions-file", default=str(DEFAULT_CAPTIONS_FILE))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny towers and sizes (seconds)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.ks, args.middle_n, args.batch_size = ["20x100"], [4], 8, 16
+        args.sweep_image_chunks, args.sweep_text_chunks, args.sweep_images, args.sweep_captions = [4], [16, 32], 8, 64
+    args.sizes = [tuple(int(part) for part in size.split("x")) for size in args.sizes]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    benchlib.setup_logging()
+    device = torch.device(args.device)
+    set_threads(args.threads)
+    lengths_pool = caption_token_counts(args.captions_file)
+    model = build_model(args, device)
+    results = {"machine": machine_info(device), "settings": {**vars(args), "sizes": [f"{i}x{c}" for i, c in args.sizes]},
+               "default_chunk_sizes": default_chunk_sizes(device)}  # fmt: skip
+    logger.info("machine: %s", results["machine"])
+    if args.sweep:
+        results["sweep"] = chunk_sweep(args, model, device, lengths_pool)
+        logger.info(format_table(results["sweep"], [
+            ("images/block", "image_chunk_size", "d"), ("captions/block", "text_chunk_size", "d"),
+            ("pairs/s", "pairs_per_s", ",.0f"), ("CUDA peak MB", "cuda_peak_mb", ".0f"), ("error", "error", ""),
+        ]))  # fmt: skip
+    results["sizes"] = []
+    for num_images, num_captions in args.sizes:
+        row = run_size(args, model, device, num_images, num_captions, lengths_pool)
+        results["sizes"].append(row)
+        logger.info("\n%d images x %d captions: encoding %.1f s + %.1f s; exhaustive head %.1f s (%s, %.0f pairs/s)",
+                    num_images, num_captions, row["encode_images_s"], row["encode_captions_s"], row["exhaustive_s"],
+                    "measured" if row["exhaustive_measured"] else "projected", row["exhaustive_pairs_per_s"])  # fmt: skip
+        logger.info(format_table(row["two_stage"], [
+            ("k", "k", "d"), ("middle N", "middle_n", "d"), ("head pairs", "head_pairs", ",d"),
+            ("middle pairs", "middle_pairs", ",d"), ("scoring s", "scoring_s", ".2f"), ("faster", "speedup", ".1f"),
+        ]))  # fmt: skip
+    if args.json:
+        write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
