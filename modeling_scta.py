@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -101,6 +101,9 @@ class SCTAOutput(ModelOutput):
             compares them by cosine (`SCTAModel.global_similarity`).
         text_global_embeds (`torch.FloatTensor` of shape `(B_txt, embed_size)`):
             One vector per caption, likewise.
+        vision_model_output, text_model_output (`BaseModelOutputWithPooling`):
+            `get_image_features` / `get_text_features` of the batch: projected tokens, global embedding, and the
+            towers' `hidden_states` / `attentions` when asked for.
     """
 
     loss: torch.FloatTensor | None = None
@@ -111,6 +114,15 @@ class SCTAOutput(ModelOutput):
     kept_patch_fraction: torch.FloatTensor | None = None
     image_global_embeds: torch.FloatTensor | None = None
     text_global_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        # as CLIPOutput: the nested tower outputs become tuples too
+        return tuple(
+            value.to_tuple() if name in ("vision_model_output", "text_model_output") else value
+            for name, value in self.items()
+        )
 
 
 @dataclass
@@ -726,6 +738,7 @@ class SCTAPreTrainedModel(PreTrainedModel):
     config: SCTAConfig
     config_class = SCTAConfig
     base_model_prefix = "scta"
+    main_input_name = "pixel_values"  # forward's first argument
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -913,6 +926,13 @@ class SCTAModel(SCTAPreTrainedModel):
                 f"the captions: processor(text=..., max_length={min(limit, 90)})."
             )
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embeddings (so that `resize_token_embeddings` works after adding tokens)."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
+
     def pool_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """`(B, T_img, C)` projected image tokens -> `(B, C)` global embeddings (`config.global_pooling`)."""
         cls, patches = self.head.split_image_tokens(image_tokens)
@@ -1042,12 +1062,19 @@ class SCTAModel(SCTAPreTrainedModel):
         image_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
         hardest_negative: bool = True,
-        **kwargs,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> SCTAOutput:
         r"""
+        Any other keyword argument is a `TypeError` naming it (a misspelt `atention_mask` is not ignored).
+
         Args:
             pixel_values: `(B_img, 3, H, W)`.
             input_ids, attention_mask: `(B_txt, L)`, right-padded.
+            token_type_ids: `(B_txt, L)`, passed to the text tower (a BERT tokenizer returns them).
+            output_hidden_states, output_attentions: passed to both towers; their outputs are returned as
+                `vision_model_output` / `text_model_output`.
             image_ids: `(B,)` image id of each (image, caption) pair; pairs sharing an image are not negatives
                 of each other in the loss.
             return_loss: compute the hinge loss (plus `config.global_loss_weight` x the same loss on the global
@@ -1068,8 +1095,11 @@ class SCTAModel(SCTAPreTrainedModel):
             raise ValueError(
                 f"image_ids must have one id per image, shape ({pixel_values.shape[0]},); got {tuple(image_ids.shape)}."
             )
-        image_outputs = self.get_image_features(pixel_values)
-        text_outputs = self.get_text_features(input_ids, attention_mask)
+        tower_kwargs = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        tower_kwargs = {name: value for name, value in tower_kwargs.items() if value is not None}
+        image_outputs = self.get_image_features(pixel_values, return_dict=True, **tower_kwargs)
+        text_kwargs = tower_kwargs if token_type_ids is None else {**tower_kwargs, "token_type_ids": token_type_ids}
+        text_outputs = self.get_text_features(input_ids, attention_mask, return_dict=True, **text_kwargs)
         image_embeds, text_embeds = image_outputs.last_hidden_state, text_outputs.last_hidden_state
         logits_per_image = self.similarity(image_embeds, text_embeds, attention_mask)
         loss = None
@@ -1089,7 +1119,19 @@ class SCTAModel(SCTAPreTrainedModel):
             kept_patch_fraction=kept,
             image_global_embeds=image_outputs.pooler_output,
             text_global_embeds=text_outputs.pooler_output,
+            vision_model_output=image_outputs,
+            text_model_output=text_outputs,
         )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the saved config maps `AutoModelForZeroShotImageClassification` to
+        this class too, so that `pipeline("zero-shot-image-classification", trust_remote_code=True)` loads it."""
+        module = type(self).__module__.split(".")[-1]
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoModelForZeroShotImageClassification": f"{module}.{type(self).__name__}",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_vision_text_pretrained(
@@ -1119,6 +1161,8 @@ class SCTAModel(SCTAPreTrainedModel):
 
 AutoConfig.register("scta", SCTAConfig, exist_ok=True)
 AutoModel.register(SCTAConfig, SCTAModel, exist_ok=True)
+# transformers' pipeline("zero-shot-image-classification") loads its model through this auto class, as for CLIP
+AutoModelForZeroShotImageClassification.register(SCTAConfig, SCTAModel, exist_ok=True)
 SCTAConfig.register_for_auto_class()
 SCTAModel.register_for_auto_class("AutoModel")
 

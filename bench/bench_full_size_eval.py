@@ -14,6 +14,7 @@ With `--sweep`, the head's chunk shape (`image_chunk_size x text_chunk_size`) is
 pick `default_chunk_sizes` for the device. Random weights give meaningless recall; this measures time and memory.
 
     python bench/bench_full_size_eval.py --device cuda --sweep --json full_size_eval_gpu.json
+    python bench/bench_full_size_eval.py --device cpu --skip-towers --sizes 1000x5000 --exhaustive-images 256
     python bench/bench_full_size_eval.py --quick          # seconds, CPU: a smoke test of the same code
 """
 
@@ -66,19 +67,30 @@ def run_size(args, model, device, num_images: int, num_captions: int, lengths_po
     generator = torch.Generator().manual_seed(args.seed)
     image_size = model.config.vision_config.image_size
     vocabulary = model.config.text_config.vocab_size
-    images = _Items([{"pixel_values": torch.randn(3, image_size, image_size, generator=generator)} for _ in range(num_images)])
     lengths = draw_lengths(lengths_pool, num_captions, args.seed)
-    captions = _Items([{"input_ids": [101] + torch.randint(1000, vocabulary, (n - 2,), generator=generator).tolist() + [102]}
-                       for n in lengths])  # fmt: skip
     caption_to_image = torch.arange(num_captions) * num_images // num_captions
     row = {"images": num_images, "captions": num_captions}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16_towers):
-        (image_tokens, image_global), row["encode_images_s"] = timed(
-            lambda: encode_image_corpus(model, images, args.batch_size, device), device
-        )
-        (caption_keys, caption_global), row["encode_captions_s"] = timed(
-            lambda: encode_caption_corpus(model, captions, args.batch_size, device, 0), device
-        )
+    if args.skip_towers:  # random projected tokens of the towers' shapes: the scoring costs alone
+        width, tokens = model.config.embed_size, model.config.num_patches + 1
+        image_tokens = torch.randn(num_images, tokens, width, generator=generator).to(device)
+        image_global = model.pool_image_tokens(image_tokens)
+        text = torch.randn(num_captions, max(lengths), width, generator=generator).to(device)
+        mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long().to(device)
+        with torch.no_grad():
+            caption_keys = model.caption_key_tokens(text, mask)
+            caption_global = model.pool_text_tokens(text, mask)
+        row["encode_images_s"] = row["encode_captions_s"] = None
+    else:
+        images = _Items([{"pixel_values": torch.randn(3, image_size, image_size, generator=generator)} for _ in range(num_images)])
+        captions = _Items([{"input_ids": [101] + torch.randint(1000, vocabulary, (n - 2,), generator=generator).tolist() + [102]}
+                           for n in lengths])  # fmt: skip
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16_towers):
+            (image_tokens, image_global), row["encode_images_s"] = timed(
+                lambda: encode_image_corpus(model, images, args.batch_size, device), device
+            )
+            (caption_keys, caption_global), row["encode_captions_s"] = timed(
+                lambda: encode_caption_corpus(model, captions, args.batch_size, device, 0), device
+            )
     image_tokens, image_global = image_tokens.float(), image_global.float()
     caption_keys, caption_global = caption_keys.to(torch.float32), caption_global.float()
     chunks = (args.image_chunk_size, args.text_chunk_size)
@@ -152,6 +164,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="images or captions per tower batch")
     parser.add_argument("--bf16-towers", action="store_true", help="encode under bf16 autocast (the head stays fp32)")
     parser.add_argument("--exhaustive-images", type=int, default=5000, help="images the exhaustive head is timed on")
+    parser.add_argument(
+        "--skip-towers", action="store_true",
+        help="score random projected tokens instead of encoding (times the head and the stages alone, e.g. on a CPU)",
+    )  # fmt: skip
     parser.add_argument("--image-chunk-size", type=int, default=None)
     parser.add_argument("--text-chunk-size", type=int, default=None)
     parser.add_argument("--sweep", action="store_true", help="sweep the head's chunk shape")
@@ -191,7 +207,7 @@ def main(argv=None) -> dict:
     for num_images, num_captions in args.sizes:
         row = run_size(args, model, device, num_images, num_captions, lengths_pool)
         results["sizes"].append(row)
-        logger.info("\n%d images x %d captions: encoding %.1f s + %.1f s; exhaustive head %.1f s (%s, %.0f pairs/s)",
+        logger.info("\n%d images x %d captions: encoding %s s + %s s; exhaustive head %.1f s (%s, %.0f pairs/s)",
                     num_images, num_captions, row["encode_images_s"], row["encode_captions_s"], row["exhaustive_s"],
                     "measured" if row["exhaustive_measured"] else "projected", row["exhaustive_pairs_per_s"])  # fmt: skip
         logger.info(format_table(row["two_stage"], [

@@ -76,7 +76,7 @@ class SCTAModelTester:
         assert outputs.text_global_embeds.shape == (3, self.config.embed_size)
         assert set(outputs.keys()) == {
             "loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "kept_patch_fraction",
-            "image_global_embeds", "text_global_embeds",
+            "image_global_embeds", "text_global_embeds", "vision_model_output", "text_model_output",
         }
         return outputs
 
@@ -417,7 +417,11 @@ def test_save_and_load_round_trip_through_auto_model(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     assert {"configuration_scta.py", "modeling_scta.py"} <= set(os.listdir(tmp_path))
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "configuration_scta.SCTAConfig", "AutoModel": "modeling_scta.SCTAModel"}
+    assert auto_map == {
+        "AutoConfig": "configuration_scta.SCTAConfig",
+        "AutoModel": "modeling_scta.SCTAModel",
+        "AutoModelForZeroShotImageClassification": "modeling_scta.SCTAModel",
+    }
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, SCTAModel)
     with torch.no_grad():

@@ -496,3 +496,35 @@ def test_processes_that_would_train_separately_are_refused(monkeypatch):
     check_launch(SimpleNamespace(world_size=2, device=torch.device("cpu")))
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_launch(SimpleNamespace(world_size=1, device=torch.device("cpu")))
+
+
+ZERO_SHOT = """
+    import json
+    from PIL import Image
+    from transformers import pipeline
+    classifier = pipeline("zero-shot-image-classification", model={folder!r}, trust_remote_code=True)
+    image = Image.new("RGB", (40, 40), "red")
+    print(json.dumps(classifier(image, candidate_labels=["a big red circle", "a small blue square", "None"])))
+"""
+
+
+def test_zero_shot_image_classification_pipeline_loads_the_model_with_remote_code(trained_run, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from modeling_scta import SCTAModel
+
+    result = run_without_project(ZERO_SHOT.format(folder=str(trained_run.output_dir)), tmp_path)
+    ranked = json.loads(result.stdout.strip().splitlines()[-1])
+    labels = ["a big red circle", "a small blue square", "None"]
+    assert sorted(entry["label"] for entry in ranked) == sorted(labels)
+    # the pipeline's scores are a softmax over the SCTA scores of "This is a photo of {label}."
+    model = SCTAModel.from_pretrained(trained_run.output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_run.output_dir)
+    image_processor = AutoImageProcessor.from_pretrained(trained_run.output_dir)
+    text = tokenizer([f"This is a photo of {label}." for label in labels], padding=True, return_tensors="pt")
+    pixels = image_processor(images=[Image.new("RGB", (40, 40), "red")], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, **text).logits_per_image.softmax(-1)[0]
+    got = {entry["label"]: entry["score"] for entry in ranked}
+    assert [got[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-5)

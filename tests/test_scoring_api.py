@@ -1,5 +1,7 @@
 """The public scoring API: encode-once caption key tokens, full-matrix and candidate scoring, global embeddings."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -190,3 +192,41 @@ def test_caption_subsets_keep_their_key_tokens():
     assert torch.equal(subset.key_counts, captions.key_counts[order])
     with torch.no_grad():
         torch.testing.assert_close(head.score(image_tokens, subset), head.score(image_tokens, captions)[:, order])
+
+
+def test_forward_follows_transformers_conventions_and_rejects_unknown_arguments():
+    tester = SCTAModelTester()
+    model = tester.model
+    inputs = dict(pixel_values=tester.pixel_values, input_ids=tester.input_ids, attention_mask=tester.attention_mask)
+    with torch.no_grad():
+        outputs = model(**inputs, return_loss=True)
+        loss, logits_per_image, *_ = model(**inputs, return_loss=True, return_dict=False)
+        model.config.return_dict = False
+        as_config = model(**inputs)
+        model.config.return_dict = True
+        with_towers = model(**inputs, token_type_ids=torch.zeros_like(tester.input_ids), output_hidden_states=True,
+                            output_attentions=True)  # fmt: skip
+    assert torch.equal(loss, outputs.loss) and torch.equal(logits_per_image, outputs.logits_per_image)
+    assert isinstance(as_config, tuple) and torch.equal(as_config[0], outputs.logits_per_image)  # no loss: logits first
+    # one layer: embeddings + layer output (attentions follow the towers' attention implementation, as in CLIP)
+    assert len(with_towers.vision_model_output.hidden_states) == 2 == len(with_towers.text_model_output.hidden_states)
+    torch.testing.assert_close(with_towers.logits_per_image, outputs.logits_per_image)  # token type 0 is BERT's default
+    with pytest.raises(TypeError, match="atention_mask"):
+        model(pixel_values=tester.pixel_values, input_ids=tester.input_ids, atention_mask=tester.attention_mask)
+    assert model.main_input_name == "pixel_values" == next(iter(inspect.signature(model.forward).parameters))
+
+
+def test_resizing_the_text_towers_embeddings_after_adding_tokens(tmp_path):
+    tester = SCTAModelTester()
+    model = tester.model
+    assert model.get_input_embeddings() is model.text_model.embeddings.word_embeddings
+    model.resize_token_embeddings(102)
+    assert model.config.text_config.vocab_size == 102 == model.get_input_embeddings().num_embeddings
+    input_ids = tester.input_ids.clone()
+    input_ids[0, 1] = 101  # a new token
+    with torch.no_grad():
+        scores = model(tester.pixel_values, input_ids, tester.attention_mask).logits_per_image
+    model.save_pretrained(tmp_path)
+    loaded = SCTAModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tester.pixel_values, input_ids, tester.attention_mask).logits_per_image, scores)
