@@ -20,6 +20,7 @@ setup(
         "accelerate>=1.0",
         "evaluate",
         "huggingface_hub",
+        "numpy",
         "pillow",
         "safetensors",
         "tokenizers",
