@@ -200,3 +200,11 @@ def test_exif_orientation_is_applied_wherever_an_image_is_decoded():
     upright_copy = PIL.Image.open(io.BytesIO(data)).transpose(PIL.Image.Transpose.ROTATE_270)
     expected = processor(images=[upright_copy], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(from_file, expected)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))))
+def test_every_shipped_config_passes_the_type_check(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name)
+    config = run_retrieval.load_json_arguments(path)
+    model_args, data_args, training_args = run_retrieval.parse_arguments([path])
+    assert training_args.do_train is True and training_args.output_dir == config["output_dir"]
