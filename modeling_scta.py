@@ -1,9 +1,10 @@
 """SCTA: an image tower, a text tower and a key-token alignment head for fine-grained image-text retrieval.
 
-Reads top to bottom: small helpers, the output dataclass, the blocks (token aggregator, key-token alignment
-head, loss), `SCTAPreTrainedModel` and `SCTAModel`. The head is the specification of `METHOD.md` computed
+Reads top to bottom: small helpers, the output dataclass and the encode-once caption corpus (`CaptionKeyTokens`),
+the blocks (token aggregator, key-token alignment head with its full-matrix, candidate-pair and caption-independent
+scorers, loss), `SCTAPreTrainedModel` and `SCTAModel`. The head is the specification of `METHOD.md` computed
 batched over (image, caption) pairs; `tests/reference_scta.py` holds the literal per-caption loop it is
-tested against.
+tested against. Two-stage retrieval over these pieces: RETRIEVAL.md and `run_retrieval.two_stage_rank`.
 """
 
 import inspect
