@@ -50,7 +50,6 @@ from modeling_scta import (
     CaptionKeyTokens,
     SCTAModel,
     cosine_similarity_matrix,
-    default_chunk_sizes,
     hinge_loss_one_direction,
     scta_with_global_loss,
 )

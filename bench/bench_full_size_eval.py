@@ -19,14 +19,13 @@ pick `default_chunk_sizes` for the device. Random weights give meaningless recal
 """
 
 import argparse
-import time
 
 import torch
 from transformers import BertConfig, ViTConfig
 
 import benchlib
 from benchlib import DEFAULT_CAPTIONS_FILE, caption_token_counts, draw_lengths, format_table, logger, machine_info
-from benchlib import set_threads, synchronize, write_json
+from benchlib import set_threads, timed, write_json
 
 from configuration_scta import SCTAConfig
 from modeling_scta import SCTAModel, default_chunk_sizes
@@ -55,14 +54,6 @@ def build_model(args, device) -> SCTAModel:
     return SCTAModel(config).to(device).eval()
 
 
-def timed(fn, device):
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return result, time.perf_counter() - start
-
-
 def run_size(args, model, device, num_images: int, num_captions: int, lengths_pool) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     image_size = model.config.vision_config.image_size
@@ -86,17 +77,17 @@ def run_size(args, model, device, num_images: int, num_captions: int, lengths_po
                            for n in lengths])  # fmt: skip
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16_towers):
             (image_tokens, image_global), row["encode_images_s"] = timed(
-                lambda: encode_image_corpus(model, images, args.batch_size, device), device
+                lambda: encode_image_corpus(model, images, args.batch_size, device), 1, device
             )
             (caption_keys, caption_global), row["encode_captions_s"] = timed(
-                lambda: encode_caption_corpus(model, captions, args.batch_size, device, 0), device
+                lambda: encode_caption_corpus(model, captions, args.batch_size, device, 0), 1, device
             )
     image_tokens, image_global = image_tokens.float(), image_global.float()
     caption_keys, caption_global = caption_keys.to(torch.float32), caption_global.float()
     chunks = (args.image_chunk_size, args.text_chunk_size)
     with torch.no_grad():
         measured = min(num_images, args.exhaustive_images)
-        _, seconds = timed(lambda: model.score(image_tokens[:measured], caption_keys, *chunks), device)
+        _, seconds = timed(lambda: model.score(image_tokens[:measured], caption_keys, *chunks), 1, device)
         row["exhaustive_s"] = seconds * num_images / measured
         row["exhaustive_measured"] = measured == num_images
         row["exhaustive_pairs_per_s"] = measured * num_captions / seconds
@@ -116,7 +107,7 @@ def run_size(args, model, device, num_images: int, num_captions: int, lengths_po
                     global_scores = model.global_similarity(image_global, caption_global).float().cpu()
                     return two_stage_rank(global_scores, caption_to_image, k, score_exact, middle_n, score_middle)
 
-                (_, _, stats), seconds = timed(rank, device)
+                (_, _, stats), seconds = timed(rank, 1, device)
                 stages.append({"k": k, "middle_n": middle_n, "scoring_s": seconds, **stats,
                                "speedup": row["exhaustive_s"] / seconds})  # fmt: skip
     row["two_stage"] = stages
@@ -143,7 +134,7 @@ def chunk_sweep(args, model, device, lengths_pool) -> list[dict]:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     model.score(image_tokens[:image_chunk], captions, image_chunk, text_chunk)  # warm-up
-                    _, seconds = timed(lambda: model.score(image_tokens, captions, image_chunk, text_chunk), device)
+                    _, seconds = timed(lambda: model.score(image_tokens, captions, image_chunk, text_chunk), 1, device)
                     row["pairs_per_s"] = args.sweep_images * args.sweep_captions / seconds
                     if device.type == "cuda":
                         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -28,14 +28,12 @@ M = 29, a Flickr30K-length caption), per text query against a gallery of n image
 
 import argparse
 import contextlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import benchlib  # noqa: F401  (puts the repository on sys.path)
-from benchlib import logger, machine_info, matmul_peak_gflops, set_threads, format_table, write_json
+from benchlib import format_table, logger, machine_info, matmul_peak_gflops, set_threads, timed, write_json
 
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel, cosine_similarity_matrix
 from processing_scta import RetrievalEvalCaptions, RetrievalEvalImages, SCTAProcessor
@@ -51,16 +49,6 @@ from run_retrieval import (
 
 
 RECALLS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum")
-
-
-def timed(fn, repeats: int):
-    """(result of the last call, median seconds over `repeats` calls)."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - start)
-    return result, statistics.median(seconds)
 
 
 class _MainProcessFirst:
@@ -95,12 +83,14 @@ def evaluate_model(args, model_dir: str, split) -> dict:
 
     with torch.no_grad():
         (image_tokens, image_global), encode_images_s = timed(
-            lambda: encode_image_corpus(model, images, args.batch_size, device), 1
+            lambda: encode_image_corpus(model, images, args.batch_size, device), 1, device
         )
         (captions, caption_global), encode_captions_s = timed(
-            lambda: encode_caption_corpus(model, captions_view, args.batch_size, device, processor.tokenizer.pad_token_id), 1
+            lambda: encode_caption_corpus(model, captions_view, args.batch_size, device, processor.tokenizer.pad_token_id),
+            1,
+            device,
         )
-        exhaustive_scores, exhaustive_s = timed(lambda: model.score(image_tokens, captions).float().cpu(), args.repeats)
+        exhaustive_scores, exhaustive_s = timed(lambda: model.score(image_tokens, captions).float().cpu(), args.repeats, device)
     exhaustive = retrieval_metrics(exhaustive_scores, caption_to_image)
     logger.info(
         "%s: %d images x %d captions; encoding %.1f s + %.1f s; exhaustive head %.2f s, R@1 %.1f / %.1f",
@@ -118,7 +108,7 @@ def evaluate_model(args, model_dir: str, split) -> dict:
         return cosine_similarity_matrix(image_tokens[:, 0], text_cls).float().cpu()
 
     with torch.no_grad():
-        image_keys, image_keys_s = timed(lambda: model.caption_independent_image_keys(image_tokens), 1)
+        image_keys, image_keys_s = timed(lambda: model.caption_independent_image_keys(image_tokens), 1, device)
     logger.info("caption-independent image key tokens: %.2f s for %d images (once per image)", image_keys_s, num_images)
 
     def score_exact(image_index, caption_index):
@@ -137,7 +127,7 @@ def evaluate_model(args, model_dir: str, split) -> dict:
                 return two_stage_rank(stage(), caption_to_image, k, score_exact, middle_n, score_middle)
 
             with torch.no_grad():
-                (i2t, t2i, stats), scoring_s = timed(run, args.repeats)
+                (i2t, t2i, stats), scoring_s = timed(run, args.repeats, device)
             metrics = retrieval_metrics(i2t, caption_to_image, text_to_image_scores=t2i)
             # the re-ranked candidates hold exact scores: the same entries as the exhaustive matrix
             exact = i2t > -NON_CANDIDATE_OFFSET + 1
@@ -190,15 +180,15 @@ def scale(args) -> dict:
 
         bert = BertModel(BertConfig(), add_pooling_layer=False).to(device).eval()
         ids = torch.randint(1000, 20000, (1, args.caption_tokens), generator=generator).to(device)
-        timed(lambda: bert(input_ids=ids), 1)  # warm-up
-        results["text_tower_s"] = timed(lambda: bert(input_ids=ids), args.repeats)[1]
+        timed(lambda: bert(input_ids=ids), 1, device)  # warm-up
+        results["text_tower_s"] = timed(lambda: bert(input_ids=ids), args.repeats, device)[1]
         del bert
 
         # first stage, measured at every gallery size
         for size in args.gallery_sizes:
             gallery = F.normalize(torch.randn(size, width, generator=generator), dim=-1).to(device)
             for k in args.scale_ks:
-                _, seconds = timed(lambda: (gallery @ query_global[0]).topk(min(k, size)), args.repeats)
+                _, seconds = timed(lambda: (gallery @ query_global[0]).topk(min(k, size)), args.repeats, device)
                 results["first_stage"].append({"gallery": size, "k": k, "seconds": seconds})
             del gallery
 
@@ -207,13 +197,13 @@ def scale(args) -> dict:
         for k in args.scale_ks:
             image_index, caption_index = torch.arange(k), torch.zeros(k, dtype=torch.long)
             head.score_pairs(stored, captions, image_index, caption_index)  # warm-up
-            _, seconds = timed(lambda: head.score_pairs(stored, captions, image_index, caption_index), args.repeats)
+            _, seconds = timed(lambda: head.score_pairs(stored, captions, image_index, caption_index), args.repeats, device)
             results["head_on_candidates"].append({"k": k, "seconds": seconds})
 
         # exhaustive: every image of the gallery against the query, measured on a slice, projected
         exhaustive_images = torch.randn(args.exhaustive_images, 1 + num_patches, width, generator=generator).half().to(device)
         head.score(exhaustive_images[:16], captions)  # warm-up
-        _, seconds = timed(lambda: head.score(exhaustive_images, captions), 1)
+        _, seconds = timed(lambda: head.score(exhaustive_images, captions), 1, device)
         results["exhaustive_measured"] = {"images": args.exhaustive_images, "seconds": seconds}
         results["exhaustive_per_image_s"] = seconds / args.exhaustive_images
 

@@ -145,6 +145,13 @@ def time_calls(fn, repeats: int, device: torch.device) -> list[float]:
     return seconds
 
 
+def timed(fn, repeats: int, device: torch.device):
+    """(the last call's result, median wall seconds of `repeats` calls of `fn()`), as `time_calls` times them."""
+    last = []
+    seconds = time_calls(lambda: last.__setitem__(slice(None), [fn()]), repeats, device)
+    return last[0], statistics.median(seconds)
+
+
 def summarize_seconds(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "all_s": seconds}
 

@@ -2,7 +2,6 @@
 clear errors for inputs the towers cannot take, EXIF orientation."""
 
 import io
-import json
 import os
 
 import datasets
