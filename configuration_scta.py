@@ -1,21 +1,81 @@
 """SCTA model configuration."""
 
 import math
+import re
+
+import dataclasses
+from collections.abc import Callable
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
-# Image towers whose token layout we know. The head needs to know whether the tower's last hidden state
-# starts with a [CLS] token and how many patch tokens follow; published code guessed both from whether
-# the token count is a perfect square (METHOD.md, "Oddities"), we read them off the tower's config.
-VISION_TOWERS_WITH_CLS = ("vit", "dinov2")
-VISION_TOWERS_WITHOUT_CLS = ("swin", "swinv2")
-# Text towers that put a start token ([CLS] / <s>) first and an end token ([SEP] / </s>) last.
-TEXT_TOWERS = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+def _patch_grid(vision_config) -> int:
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def _merged_patch_grid(vision_config) -> int:
+    """Swin: every stage after the first merges 2x2 neighbouring patches."""
+    grid = vision_config.image_size // vision_config.patch_size // 2 ** (len(vision_config.depths) - 1)
+    return grid * grid
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionTower:
+    """What the head must know of an image tower's last hidden state: whether it starts with a [CLS] token, and how
+    many patch tokens follow, from the tower's config. (The published code guessed both from whether the token
+    count is a perfect square; METHOD.md, "Oddities".)"""
+
+    has_cls_token: bool
+    num_patches: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTower:
+    """Where a text tower puts a caption's global token: `"first"` ([CLS] / <s> of a bidirectional encoder) or
+    `"last"` (the end-of-text token of CLIP's causal encoder, the only one that has seen the whole caption). The
+    other real tokens are the caption's words."""
+
+    global_token: str
+
+
+# The towers SCTA knows, by `model_type`: one table instead of whitelists. `clip_*` are the towers of a CLIP
+# checkpoint (`from_vision_text_pretrained("openai/clip-vit-base-patch16", "openai/clip-vit-base-patch16")`).
+VISION_TOWERS = {
+    "vit": VisionTower(has_cls_token=True, num_patches=_patch_grid),
+    "dinov2": VisionTower(has_cls_token=True, num_patches=_patch_grid),
+    "clip_vision_model": VisionTower(has_cls_token=True, num_patches=_patch_grid),
+    "siglip_vision_model": VisionTower(has_cls_token=False, num_patches=_patch_grid),
+    "swin": VisionTower(has_cls_token=False, num_patches=_merged_patch_grid),
+    "swinv2": VisionTower(has_cls_token=False, num_patches=_merged_patch_grid),
+}
+TEXT_TOWERS = {
+    "bert": TextTower(global_token="first"),
+    "roberta": TextTower(global_token="first"),
+    "xlm-roberta": TextTower(global_token="first"),
+    "distilbert": TextTower(global_token="first"),
+    "electra": TextTower(global_token="first"),
+    "clip_text_model": TextTower(global_token="last"),
+}
+# Checkpoints that hold both towers: the tower of each side, by the checkpoint's model_type.
+COMPOSITE_CHECKPOINTS = {"clip": {"vision": "clip_vision_model", "text": "clip_text_model"},
+                         "siglip": {"vision": "siglip_vision_model"}}
+
+
+def num_kept_patches(num_patches: int, patch_keep_ratio: float) -> int:
+    """`K = ceil(N * patch_keep_ratio)` (196 * 0.5 -> 98): the patches the selection keeps."""
+    return math.ceil(num_patches * patch_keep_ratio)
+
+
+def num_patch_slots(num_patches: int, patch_keep_ratio: float, patch_aggr_ratio: float) -> int:
+    """`M = int(N * patch_keep_ratio * patch_aggr_ratio)` (196 * 0.5 * 0.3 -> 29): the learned patch slots."""
+    return int(num_patches * patch_keep_ratio * patch_aggr_ratio)
+
 # How the global (one-vector) embeddings are pooled from the projected tokens.
 GLOBAL_POOLINGS = ("mean", "cls")
+# What scores a pair: SCTA's key-token head, or the cosine of the global embeddings (a dual-encoder baseline).
+SCORING_HEADS = ("key_tokens", "global")
 
 
 @strict
@@ -26,8 +86,7 @@ class SCTAConfig(PreTrainedConfig):
 
     Args:
         vision_config (`PreTrainedConfig` or `dict`, *optional*):
-            Config of the image tower. One of the model types in `VISION_TOWERS_WITH_CLS` or
-            `VISION_TOWERS_WITHOUT_CLS`. Defaults to ViT-B/16 at 224 px.
+            Config of the image tower, one of the model types in `VISION_TOWERS`. Defaults to ViT-B/16 at 224 px.
         text_config (`PreTrainedConfig` or `dict`, *optional*):
             Config of the text tower, one of the model types in `TEXT_TOWERS`. Defaults to BERT-base.
         embed_size (`int`, *optional*, defaults to 512):
@@ -59,6 +118,15 @@ class SCTAConfig(PreTrainedConfig):
         global_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of an auxiliary hinge loss on the cosine matrix of the global embeddings, added to the SCTA
             loss so that the global embeddings become a good first retrieval stage. 0 reproduces the paper.
+        scoring_head (`str`, *optional*, defaults to `"key_tokens"`):
+            What scores an (image, caption) pair: `"key_tokens"`, the SCTA head (LAPS with
+            `word_aggregation=False`), or `"global"`, the cosine of the global embeddings alone: a dual encoder in
+            the style of CLIP / `VisionTextDualEncoderModel` with the same towers and projections, trained with
+            the same hinge loss. A baseline, not the paper's model; the head's weights are then unused.
+        text_guided_selection (`bool`, *optional*, defaults to `True`):
+            Whether the patch selection adds the caption term `s_text` to `s_self` (METHOD.md step 1). `False`
+            selects patches by `s_self` alone, the same for every caption (an ablation of LAPS's
+            language-guided selection).
 
     Example:
 
@@ -91,6 +159,8 @@ class SCTAConfig(PreTrainedConfig):
     margin: float | int = 0.2
     global_pooling: str = "mean"
     global_loss_weight: float | int = 0.0
+    scoring_head: str = "key_tokens"
+    text_guided_selection: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -106,28 +176,28 @@ class SCTAConfig(PreTrainedConfig):
     # Derived, never stored: they follow from the tower config.
     @property
     def vision_has_cls_token(self) -> bool:
-        """Whether the image tower's last hidden state starts with a [CLS] token."""
-        return self.vision_config.model_type in VISION_TOWERS_WITH_CLS
+        """Whether the image tower's last hidden state starts with a [CLS] token (`VISION_TOWERS`)."""
+        return VISION_TOWERS[self.vision_config.model_type].has_cls_token
 
     @property
     def num_patches(self) -> int:
         """Number `N` of patch tokens in the image tower's last hidden state ([CLS] excluded)."""
-        vision = self.vision_config
-        grid = vision.image_size // vision.patch_size
-        if vision.model_type in ("swin", "swinv2"):
-            # Every stage after the first merges 2x2 neighbouring patches.
-            grid //= 2 ** (len(vision.depths) - 1)
-        return grid * grid
+        return VISION_TOWERS[self.vision_config.model_type].num_patches(self.vision_config)
+
+    @property
+    def text_global_token(self) -> str:
+        """Where the caption's global token is: `"first"` or `"last"` real token (`TEXT_TOWERS`)."""
+        return TEXT_TOWERS[self.text_config.model_type].global_token
 
     @property
     def num_kept_patches(self) -> int:
-        """`K = ceil(N * patch_keep_ratio)` (196 * 0.5 -> 98)."""
-        return math.ceil(self.num_patches * self.patch_keep_ratio)
+        """`K`, see `num_kept_patches`."""
+        return num_kept_patches(self.num_patches, self.patch_keep_ratio)
 
     @property
     def num_patch_slots(self) -> int:
-        """`M = int(N * patch_keep_ratio * patch_aggr_ratio)` (196 * 0.5 * 0.3 -> 29)."""
-        return int(self.num_patches * self.patch_keep_ratio * self.patch_aggr_ratio)
+        """`M`, see `num_patch_slots`."""
+        return num_patch_slots(self.num_patches, self.patch_keep_ratio, self.patch_aggr_ratio)
 
     def check_settings(self):
         """Raise a `ValueError` naming the field, its value and the accepted range for any unusable setting.
@@ -139,16 +209,16 @@ class SCTAConfig(PreTrainedConfig):
 
     def _check_towers(self):
         vision_type = self.vision_config.model_type
-        if vision_type not in VISION_TOWERS_WITH_CLS + VISION_TOWERS_WITHOUT_CLS:
+        if vision_type not in VISION_TOWERS:
             raise ValueError(
                 f"vision_config.model_type={vision_type!r} is not a supported image tower. The SCTA head must know "
-                f"the tower's token layout; supported: {', '.join(VISION_TOWERS_WITH_CLS + VISION_TOWERS_WITHOUT_CLS)}."
+                f"the tower's token layout; supported: {', '.join(VISION_TOWERS)} (configuration_scta.VISION_TOWERS)."
             )
         text_type = self.text_config.model_type
         if text_type not in TEXT_TOWERS:
             raise ValueError(
-                f"text_config.model_type={text_type!r} is not a supported text tower. SCTA needs an encoder that "
-                f"puts a start token first and an end token last; supported: {', '.join(TEXT_TOWERS)}."
+                f"text_config.model_type={text_type!r} is not a supported text tower. SCTA must know where the "
+                f"tower puts a caption's global token; supported: {', '.join(TEXT_TOWERS)} (configuration_scta.TEXT_TOWERS)."
             )
         max_positions = getattr(self.text_config, "max_position_embeddings", None)
         if max_positions is not None and max_positions < 3:
@@ -183,6 +253,13 @@ class SCTAConfig(PreTrainedConfig):
         check("global_loss_weight", self.global_loss_weight, 0, math.inf, False, True)
         if self.global_pooling not in GLOBAL_POOLINGS:
             raise ValueError(f"global_pooling={self.global_pooling!r} is not one of {', '.join(GLOBAL_POOLINGS)}.")
+        if self.scoring_head not in SCORING_HEADS:
+            raise ValueError(f"scoring_head={self.scoring_head!r} is not one of {', '.join(SCORING_HEADS)}.")
+        if self.scoring_head == "global" and self.global_loss_weight:
+            raise ValueError(
+                f"global_loss_weight={self.global_loss_weight} with scoring_head='global': the global embeddings are "
+                "already what the loss trains; set global_loss_weight to 0."
+            )
         if int(self.aggregator_hidden_ratio * self.embed_size) < 1:
             raise ValueError(
                 f"aggregator_hidden_ratio={self.aggregator_hidden_ratio} with embed_size={self.embed_size} gives an "
@@ -203,4 +280,18 @@ class SCTAConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["SCTAConfig"]
+# The head settings: every SCTAConfig field but the towers, declared once above. run_retrieval.py derives one
+# argument from each, the model card lists them.
+HEAD_SETTINGS = tuple(name for name in SCTAConfig.__annotations__ if name not in ("vision_config", "text_config"))
+# Head settings that change the shape of a weight: a trained model's cannot be overridden.
+SHAPE_SETTINGS = ("embed_size", "patch_keep_ratio", "patch_aggr_ratio", "max_word_slots", "aggregator_hidden_ratio",
+                  "word_aggregation")
+
+
+def config_field_doc(name: str) -> str:
+    """The `Args:` text of one `SCTAConfig` field, on one line."""
+    match = re.search(rf"^ {{8}}{name} \(.*?\):\n((?: {{12}}.*\n)+)", SCTAConfig.__doc__, flags=re.MULTILINE)
+    return " ".join(match.group(1).split()) if match else ""
+
+
+__all__ = ["HEAD_SETTINGS", "SCTAConfig", "TEXT_TOWERS", "VISION_TOWERS"]

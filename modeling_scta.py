@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -23,9 +25,9 @@ from transformers.utils import ModelOutput, can_return_tuple, logging
 
 
 try:
-    from .configuration_scta import SCTAConfig
+    from .configuration_scta import COMPOSITE_CHECKPOINTS, SCTAConfig, num_kept_patches, num_patch_slots
 except ImportError:
-    from configuration_scta import SCTAConfig
+    from configuration_scta import COMPOSITE_CHECKPOINTS, SCTAConfig, num_kept_patches, num_patch_slots
 
 
 logger = logging.get_logger(__name__)
@@ -281,20 +283,45 @@ class KeyTokenAlignmentHead(nn.Module):
         aggregator_hidden_ratio: float = 0.2,
         word_aggregation: bool = True,
         negative_slope: float = 0.1,
+        text_guided_selection: bool = True,
+        text_global_token: str = "first",
     ):
         super().__init__()
+        if text_global_token not in ("first", "last"):
+            raise ValueError(f"text_global_token must be 'first' or 'last', got {text_global_token!r}.")
         self.num_patches = num_patches
         self.vision_has_cls_token = vision_has_cls_token
-        self.num_kept_patches = math.ceil(num_patches * patch_keep_ratio)
-        self.num_patch_slots = int(num_patches * patch_keep_ratio * patch_aggr_ratio)
+        self.text_global_token = text_global_token
+        self.num_kept_patches = num_kept_patches(num_patches, patch_keep_ratio)
+        self.num_patch_slots = num_patch_slots(num_patches, patch_keep_ratio, patch_aggr_ratio)
         self.word_keep_ratio = word_keep_ratio
         self.min_word_slots = min_word_slots
         self.max_word_slots = max_word_slots
         self.negative_slope = negative_slope
+        self.text_guided_selection = text_guided_selection
         self.patch_aggregator = TokenAggregator(embed_size, self.num_patch_slots, aggregator_hidden_ratio)
         # One learned layer for every caption; a caption with k slots uses its first k outputs (METHOD.md oddity 1).
         self.word_aggregator = (
             TokenAggregator(embed_size, max_word_slots, aggregator_hidden_ratio) if word_aggregation else None
+        )
+
+    @classmethod
+    def from_config(cls, config: SCTAConfig) -> "KeyTokenAlignmentHead":
+        """The head of an `SCTAConfig`: its head settings and what it derives from the towers."""
+        return cls(
+            embed_size=config.embed_size,
+            num_patches=config.num_patches,
+            vision_has_cls_token=config.vision_has_cls_token,
+            patch_keep_ratio=config.patch_keep_ratio,
+            patch_aggr_ratio=config.patch_aggr_ratio,
+            word_keep_ratio=config.word_keep_ratio,
+            min_word_slots=config.min_word_slots,
+            max_word_slots=config.max_word_slots,
+            aggregator_hidden_ratio=config.aggregator_hidden_ratio,
+            word_aggregation=config.word_aggregation,
+            negative_slope=config.alignment_negative_slope,
+            text_guided_selection=config.text_guided_selection,
+            text_global_token=config.text_global_token,
         )
 
     # -- caption side ------------------------------------------------------------------------------------------
@@ -320,13 +347,27 @@ class KeyTokenAlignmentHead(nn.Module):
 
         slot_counts = self.word_slot_counts(lengths)  # (B_txt,)
         max_slots = int(slot_counts.max())
-        words, word_mask = text_tokens[:, 1:], token_mask[:, 1:]  # the n - 1 tokens after [CLS], [SEP] included
-        logits = self.word_aggregator(words)[..., :max_slots]  # (B_txt, L - 1, max_slots)
+        global_token, words, word_mask = self.split_caption_tokens(text_tokens, token_mask, lengths)
+        logits = self.word_aggregator(words)[..., :max_slots]  # (B_txt, L', max_slots)
         logits = logits.masked_fill(~word_mask[..., None], torch.finfo(logits.dtype).min)
         slots = torch.einsum("bls,blc->bsc", logits.softmax(dim=1), words)  # (B_txt, max_slots, C)
-        key_tokens = F.normalize(torch.cat([text_tokens[:, :1], slots], dim=1), dim=-1)  # (B_txt, 1 + max_slots, C)
+        key_tokens = F.normalize(torch.cat([global_token[:, None], slots], dim=1), dim=-1)  # (B_txt, 1 + max_slots, C)
         key_mask = torch.arange(1 + max_slots, device=lengths.device) < (1 + slot_counts)[:, None]
         return TextKeyTokens(key_tokens, key_mask, query)
+
+    def split_caption_tokens(
+        self, text_tokens: torch.Tensor, token_mask: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(global token `(B, C)`, word tokens `(B, L', C)`, their mask): `T_0` and the n - 1 other real tokens.
+        `text_global_token="first"`: [CLS] and the tokens after it ([SEP] included); `"last"`: the end-of-text
+        token of a causal encoder (CLIP) and the tokens before it."""
+        if self.text_global_token == "first":
+            return text_tokens[:, 0], text_tokens[:, 1:], token_mask[:, 1:]
+        rows = torch.arange(len(text_tokens), device=text_tokens.device)
+        last = (lengths - 1).to(text_tokens.device)
+        word_mask = token_mask.clone()
+        word_mask[rows, last] = False
+        return text_tokens[rows, last], text_tokens, word_mask
 
     # -- image side --------------------------------------------------------------------------------------------
 
@@ -399,9 +440,7 @@ class KeyTokenAlignmentHead(nn.Module):
         num_texts, num_keys = key_tokens.shape[-3:-1]
 
         with torch.no_grad():  # steps 1-2: selection scores carry no gradient
-            query = text.query.to(patches.dtype)  # (T, C) or (I, T, C)
-            text_scores = torch.einsum("inc,tc->itn" if shared else "inc,itc->itn", image.patch_directions, query)
-            patch_scores = image.self_scores[:, None, :] + text_scores  # (I, T, N)
+            patch_scores = self.selection_scores(image, text)  # (I, T, N)
             kept_index = patch_scores.topk(self.num_kept_patches, dim=-1, sorted=False).indices  # (I, T, K)
             keep = torch.zeros_like(patch_scores).scatter_(-1, kept_index, 1.0)  # (I, T, N) 0/1
             # softmax over the dropped patches, unnormalised: the fused token is normalised anyway
@@ -431,6 +470,20 @@ class KeyTokenAlignmentHead(nn.Module):
             columns.insert(0, cls_sim[..., None])
         similarities = torch.cat(columns, dim=-1)  # (I, T, J, M + 1 [+ 1])
         return max_mean_alignment(similarities, text.mask, self.negative_slope)
+
+    @torch.no_grad()
+    def selection_scores(self, image: ImageKeyState, text: TextKeyTokens) -> torch.Tensor:
+        """Steps 1-2's patch scores `(I, T, N)`: `s_self + s_text` (`s_self` alone without text-guided selection);
+        the `num_kept_patches` highest are kept, the others fused."""
+        patches = image.patches
+        num_images, num_patches = patches.shape[:2]
+        shared = text.tokens.dim() == 3
+        num_texts = text.tokens.shape[-3]
+        if not self.text_guided_selection:  # the same selection for every caption
+            return image.self_scores[:, None, :].expand(num_images, num_texts, num_patches).clone()
+        query = text.query.to(patches.dtype)  # (T, C) or (I, T, C)
+        text_scores = torch.einsum("inc,tc->itn" if shared else "inc,itc->itn", image.patch_directions, query)
+        return image.self_scores[:, None, :] + text_scores
 
     def forward(
         self,
@@ -720,15 +773,111 @@ def scta_with_global_loss(
     global_loss_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
-    The training loss: `scta_loss` on the head's scores plus, when `global_loss_weight > 0`, the same hinge on the
-    cosine matrix of the global embeddings times that weight (an auxiliary objective that trains the first
-    retrieval stage; RETRIEVAL.md). Returns `(total, global term or None)`.
+    The training loss of one process's batch: `scta_loss` on the head's scores plus, when `global_loss_weight > 0`,
+    the same hinge on the cosine matrix of the global embeddings times that weight (an auxiliary objective that
+    trains the first retrieval stage; RETRIEVAL.md). Returns `(total, global term or None)`.
     """
     loss = scta_loss(logits_per_image, image_ids, margin, hardest_negative)
     if not global_loss_weight:
         return loss, None
     global_loss = scta_loss(global_logits_per_image, image_ids, margin, hardest_negative)
     return loss + global_loss_weight * global_loss, global_loss
+
+
+# The autograd all-gather of functional collectives (its backward is a summing reduce-scatter); older torch
+# releases call it all_gather_tensor_autograd.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's `tensor` (sizes may differ along dim 0), with gradient flowing back to its owner."""
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    largest = int(max(sizes))
+    padded = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, largest - tensor.shape[0]]).contiguous()
+    gathered = _all_gather_autograd(padded, 0, dist.group.WORLD)  # (world_size * largest, ...)
+    return [part[: int(n)] for part, n in zip(gathered.chunk(len(sizes)), sizes)]
+
+
+class SCTALoss(nn.Module):
+    """
+    SCTA's objective over the global batch: the hinge loss of `model.similarity` (the key-token head, or the global
+    cosine with `scoring_head="global"`) plus `config.global_loss_weight` x the same hinge on the global embeddings'
+    cosine. The one home of the hinge's positive masks and of the cross-process gather.
+
+    In one process it is `scta_with_global_loss` of the batch. Under several processes (torch.distributed
+    initialised, `world_size > 1`), each process computes its image rows and caption columns of the global score
+    matrix: tokens are gathered with gradient, so negatives come from every process, and the local block the
+    forward made is reused. The sum over processes of these losses is the single-process loss of the global batch;
+    the result is multiplied by `world_size` to undo DDP's gradient averaging.
+    """
+
+    def __init__(self, config: SCTAConfig):
+        super().__init__()
+        self.margin = config.margin
+        self.global_loss_weight = config.global_loss_weight
+
+    def forward(
+        self,
+        model: "SCTAModel",
+        outputs: "SCTAOutput",
+        text_attention_mask: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
+        hardest_negative: bool = True,
+        world_size: int = 1,
+    ) -> torch.Tensor:
+        if world_size == 1:
+            global_logits = cosine_similarity_matrix(outputs.image_global_embeds, outputs.text_global_embeds)
+            loss, _ = scta_with_global_loss(
+                outputs.logits_per_image, global_logits, image_ids, self.margin, hardest_negative, self.global_loss_weight
+            )
+            return loss
+        return self._global_batch_loss(model, outputs, text_attention_mask, image_ids, hardest_negative) * world_size
+
+    def _global_batch_loss(self, model, outputs, text_attention_mask, image_ids, hardest_negative) -> torch.Tensor:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if image_ids is None:  # every pair its own image: ids unique across processes
+            image_ids = rank * len(outputs.image_embeds) + torch.arange(len(outputs.image_embeds), device=text_attention_mask.device)
+        length = torch.tensor([text_attention_mask.shape[1]], device=text_attention_mask.device)
+        lengths = [torch.zeros_like(length) for _ in range(world_size)]
+        dist.all_gather(lengths, length)
+        longest = int(max(lengths))
+        text_embeds = F.pad(outputs.text_embeds, (0, 0, 0, longest - text_attention_mask.shape[1]))
+        text_attention_mask = F.pad(text_attention_mask, (0, longest - text_attention_mask.shape[1]))
+
+        all_images = all_gather_with_grad(outputs.image_embeds)
+        all_texts = all_gather_with_grad(text_embeds)
+        all_masks = all_gather_with_grad(text_attention_mask)
+        all_ids = torch.cat(all_gather_with_grad(image_ids))
+        local_block = outputs.logits_per_image  # (B_r, B_r)
+        rows = [
+            local_block if other == rank else model.similarity(outputs.image_embeds, all_texts[other], all_masks[other])
+            for other in range(world_size)
+        ]
+        columns = [
+            local_block if other == rank else model.similarity(all_images[other], text_embeds, text_attention_mask)
+            for other in range(world_size)
+        ]
+        positive_mask = image_ids[:, None] == all_ids[None, :]  # (B_r, B_global)
+
+        def hinge(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+            """Both directions for this process's queries: rows `(B_r, B_global)`, columns `(B_global, B_r)`."""
+            image_to_text = hinge_loss_one_direction(rows, positives, positive_mask, self.margin, hardest_negative)
+            text_to_image = hinge_loss_one_direction(columns.t(), positives, positive_mask, self.margin, hardest_negative)
+            return image_to_text + text_to_image
+
+        loss = hinge(torch.cat(rows, 1), torch.cat(columns, 0), local_block.diagonal())
+        if self.global_loss_weight:
+            image_global, text_global = outputs.image_global_embeds, outputs.text_global_embeds
+            all_image_global = torch.cat(all_gather_with_grad(image_global))
+            all_text_global = torch.cat(all_gather_with_grad(text_global))
+            loss = loss + self.global_loss_weight * hinge(
+                cosine_similarity_matrix(image_global, all_text_global),
+                cosine_similarity_matrix(all_image_global, text_global),
+                cosine_similarity_matrix(image_global, text_global).diagonal(),
+            )
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -767,9 +916,15 @@ class SCTAPreTrainedModel(PreTrainedModel):
         if problems:
             details = "; ".join(f"{kind}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items())
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            hints = []
+            if "missing_keys" in problems or "unexpected_keys" in problems:
+                hints.append(f"{cls.__name__}.from_pretrained({source!r}, strict=False) loads it anyway, initialising "
+                             "missing weights and dropping unexpected ones")
+            if "mismatched_keys" in problems:
+                hints.append("ignore_mismatched_sizes=True re-initialises the weights of another shape")
             raise ValueError(
                 f"The checkpoint {source} does not match {cls.__name__} ({details}). Was it saved by another version "
-                "or configuration? strict=False loads it without the missing or unexpected keys."
+                f"or configuration? To load it partially: {'; '.join(hints)}."
             )
         return (model, info) if return_info else model
 
@@ -793,16 +948,72 @@ class SCTAPreTrainedModel(PreTrainedModel):
                     init.zeros_(projection.bias)
 
 
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} is a {type(value).__name__}, not a tensor. Call the processor with return_tensors=\"pt\" "
+            "(processor(images=..., text=..., return_tensors=\"pt\")) before model(**inputs)."
+        )
+
+
 def text_position_limit(text_config) -> int:
     """The longest caption (in tokens) a text tower embeds: RoBERTa-style towers start positions after padding_idx."""
     offset = text_config.pad_token_id + 1 if text_config.model_type in ("roberta", "xlm-roberta") else 0
     return text_config.max_position_embeddings - offset
 
 
-def _tower_from_config(config) -> PreTrainedModel:
+def _no_pooling_layer(config) -> dict:
+    """`add_pooling_layer=False` where the tower class takes it: SCTA uses the token states, not a pooler."""
     model_class = AutoModel._model_mapping[type(config)]
-    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
-    return AutoModel.from_config(config, **kwargs)
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
+
+
+def tower_from_config(config) -> PreTrainedModel:
+    """A randomly initialised tower (`AutoModel`) for a tower config, without its pooling layer."""
+    return AutoModel.from_config(config, **_no_pooling_layer(config))
+
+
+def load_pretrained_tower(name_or_path: str, side: str, **kwargs) -> PreTrainedModel:
+    """
+    A pretrained `side` ("vision" or "text") tower (Hub name or local folder) without its pooling layer: the
+    checkpoint's `AutoModel`, or the `side` tower of a checkpoint that holds both (`COMPOSITE_CHECKPOINTS`: a CLIP
+    checkpoint gives its `CLIPVisionModel` or `CLIPTextModel`). `kwargs` go to `from_pretrained` (e.g. `revision`).
+    """
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    towers = COMPOSITE_CHECKPOINTS.get(config.model_type)
+    if towers is not None:
+        if side not in towers:
+            raise ValueError(f"{name_or_path} is a {config.model_type} checkpoint, which has no {side} tower.")
+        tower_config = getattr(config, f"{side}_config")
+        model_class = AutoModel._model_mapping[type(tower_config)]
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    return AutoModel.from_pretrained(name_or_path, config=config, **{**_no_pooling_layer(config), **kwargs})
+
+
+class SCTAImageEncoder(nn.Module):
+    """`pixel_values -> (image tokens, global embedding)` of an `SCTAModel`, as one module for `torch.export` /
+    ONNX export of the image side (the tokens are what the head and an index take)."""
+
+    def __init__(self, model: "SCTAModel"):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model.get_image_features(pixel_values)
+        return outputs.last_hidden_state, outputs.pooler_output
+
+
+class SCTATextEncoder(nn.Module):
+    """`(input_ids, attention_mask) -> (caption tokens, global embedding)` of an `SCTAModel`, for export. The token-id
+    range check of `get_text_features` is data-dependent and skipped while exporting: feed it the processor's ids."""
+
+    def __init__(self, model: "SCTAModel"):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.model.get_text_features(input_ids, attention_mask)
+        return outputs.last_hidden_state, outputs.pooler_output
 
 
 class SCTAModel(SCTAPreTrainedModel):
@@ -826,29 +1037,20 @@ class SCTAModel(SCTAPreTrainedModel):
     ):
         config.check_settings()
         super().__init__(config)
-        self.vision_model = vision_model if vision_model is not None else _tower_from_config(config.vision_config)
-        self.text_model = text_model if text_model is not None else _tower_from_config(config.text_config)
-        # the towers read the composite config, so that edits to it reach them
-        self.vision_model.config = config.vision_config
-        self.text_model.config = config.text_config
+        self.vision_model = vision_model if vision_model is not None else tower_from_config(config.vision_config)
+        self.text_model = text_model if text_model is not None else tower_from_config(config.text_config)
+        # the towers read the composite config, so that edits to it reach them; a tower built outside keeps the
+        # attention implementation it was built with (sdpa or eager), as a reloaded model will use it
+        for tower, tower_config in ((self.vision_model, config.vision_config), (self.text_model, config.text_config)):
+            if tower.config is not tower_config and tower.config._attn_implementation is not None:
+                tower_config._attn_implementation = tower.config._attn_implementation
+            tower.config = tower_config
 
         vision_width, text_width = config.vision_config.hidden_size, config.text_config.hidden_size
         embed_size = config.embed_size
         self.vision_projection = nn.Linear(vision_width, embed_size) if vision_width != embed_size else nn.Identity()
         self.text_projection = nn.Linear(text_width, embed_size) if text_width != embed_size else nn.Identity()
-        self.head = KeyTokenAlignmentHead(
-            embed_size=embed_size,
-            num_patches=config.num_patches,
-            vision_has_cls_token=config.vision_has_cls_token,
-            patch_keep_ratio=config.patch_keep_ratio,
-            patch_aggr_ratio=config.patch_aggr_ratio,
-            word_keep_ratio=config.word_keep_ratio,
-            min_word_slots=config.min_word_slots,
-            max_word_slots=config.max_word_slots,
-            aggregator_hidden_ratio=config.aggregator_hidden_ratio,
-            word_aggregation=config.word_aggregation,
-            negative_slope=config.alignment_negative_slope,
-        )
+        self.head = KeyTokenAlignmentHead.from_config(config)
         self.post_init()
 
     @can_return_tuple
@@ -866,6 +1068,7 @@ class SCTAModel(SCTAPreTrainedModel):
             embedding `(B, C)` (`config.global_pooling`, not normalised), and the tower's `hidden_states` /
             `attentions` when asked for.
         """
+        _check_tensor("pixel_values", pixel_values)
         if pixel_values.dim() != 4:
             raise ValueError(f"pixel_values must be (batch, channels, height, width), got {tuple(pixel_values.shape)}.")
         tower = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
@@ -892,14 +1095,17 @@ class SCTAModel(SCTAPreTrainedModel):
             `BaseModelOutputWithPooling` with `last_hidden_state` the projected caption tokens `(B, L, C)`
             (padding positions included) and `pooler_output` the global embedding `(B, C)`.
         """
+        _check_tensor("input_ids", input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        _check_tensor("attention_mask", attention_mask)
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and attention_mask must both be (batch, length), got {tuple(input_ids.shape)} and "
                 f"{tuple(attention_mask.shape)}."
             )
-        self._check_token_ids(input_ids)
+        if not torch.compiler.is_compiling():  # value checks are data-dependent: skipped by torch.export / compile
+            self._check_token_ids(input_ids)
         tower = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         text_tokens = self.text_projection(tower.last_hidden_state)
         return BaseModelOutputWithPooling(
@@ -943,8 +1149,8 @@ class SCTAModel(SCTAPreTrainedModel):
 
     def pool_text_tokens(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`(B, L, C)` projected caption tokens -> `(B, C)` global embeddings (`config.global_pooling`)."""
-        if self.config.global_pooling == "cls":
-            return text_tokens[:, 0]
+        if self.config.global_pooling == "cls":  # the caption's global token: [CLS], or CLIP's end-of-text
+            return self.head.split_caption_tokens(text_tokens, attention_mask.bool(), text_lengths(attention_mask))[0]
         mask = attention_mask.to(text_tokens.dtype)[..., None]  # (B, L, 1)
         return (text_tokens * mask).sum(1) / mask.sum(1).clamp_min(1)  # the head's s_text query, before norm
 
@@ -956,8 +1162,13 @@ class SCTAModel(SCTAPreTrainedModel):
         """
         Encode captions once for scoring: `(B_txt, L, C)` projected tokens (`get_text_features(...)
         .last_hidden_state`) -> `CaptionKeyTokens`, reusable against any images. Join batches with
-        `CaptionKeyTokens.cat`.
+        `CaptionKeyTokens.cat`. With `scoring_head="global"` the one key token of a caption is its normalised
+        global embedding.
         """
+        if self.config.scoring_head == "global":
+            embeds = F.normalize(self.pool_text_tokens(text_embeds, attention_mask), dim=-1)  # (B_txt, C)
+            mask = torch.ones(len(embeds), 1, dtype=torch.bool, device=embeds.device)
+            return CaptionKeyTokens.from_padded(TextKeyTokens(embeds[:, None], mask, embeds))
         return self.head.caption_key_tokens(text_embeds, attention_mask)
 
     def score(
@@ -974,7 +1185,19 @@ class SCTAModel(SCTAPreTrainedModel):
         on them). `image_embeds` from `get_image_features(...).last_hidden_state`, in any dtype or device.
         `progress=True` shows a progress bar.
         """
+        if self.config.scoring_head == "global":
+            return self._global_pair_scores(image_embeds, captions.query)
         return self.head.score(image_embeds, captions, image_chunk_size, text_chunk_size, progress)
+
+    def _global_pair_scores(self, image_embeds: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
+        """`scoring_head="global"`: cosine of every image's global embedding with normalised caption embeddings."""
+        device, dtype = caption_embeds.device, caption_embeds.dtype
+        parts = [
+            self.pool_image_tokens(image_embeds[span].to(device=device, dtype=dtype))
+            for span in _spans(image_embeds.shape[0], 4096)
+        ]
+        image_global = torch.cat(parts) if parts else caption_embeds.new_zeros(0, caption_embeds.shape[-1])
+        return F.normalize(image_global, dim=-1) @ caption_embeds.t()
 
     def score_candidates(
         self,
@@ -996,6 +1219,13 @@ class SCTAModel(SCTAPreTrainedModel):
         for name, index, size in (("image_index", image_index, len(image_embeds)), ("caption_index", caption_index, len(captions))):
             if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
                 raise ValueError(f"{name} has entries outside [0, {size}): {int(index.min())}..{int(index.max())}.")
+        if self.config.scoring_head == "global":
+            device, dtype = captions.query.device, captions.query.dtype
+            image_global = self.pool_image_tokens(
+                image_embeds.index_select(0, image_index.reshape(-1).to(image_embeds.device)).to(device=device, dtype=dtype)
+            )
+            caption_embeds = captions.query.index_select(0, caption_index.reshape(-1).to(device))
+            return (F.normalize(image_global, dim=-1) * caption_embeds).sum(-1).view(image_index.shape)
         scores = self.head.score_pairs(
             image_embeds, captions, image_index.reshape(-1), caption_index.reshape(-1), image_chunk_size,
             text_chunk_size, progress,
@@ -1008,6 +1238,7 @@ class SCTAModel(SCTAPreTrainedModel):
         for `caption_independent_scores`: a cheap middle retrieval stage (about 10x less work per pair than the
         head at the paper's shapes, no extra training; RETRIEVAL.md). Not the paper's score.
         """
+        self._check_key_token_head("caption_independent_image_keys")
         parameter = next(self.head.parameters())
         return torch.cat(
             [
@@ -1027,9 +1258,17 @@ class SCTAModel(SCTAPreTrainedModel):
         Scores of chosen pairs by `caption_independent_image_keys` and the max-mean alignment alone; indices
         broadcast as in `score_candidates`.
         """
+        self._check_key_token_head("caption_independent_scores")
         image_index, caption_index = torch.broadcast_tensors(torch.as_tensor(image_index), torch.as_tensor(caption_index))
         scores = self.head.independent_pair_scores(image_keys, captions, image_index.reshape(-1), caption_index.reshape(-1))
         return scores.view(image_index.shape)
+
+    def _check_key_token_head(self, what: str) -> None:
+        if self.config.scoring_head != "key_tokens":
+            raise ValueError(
+                f"{what} needs the key-token head, but this model scores pairs by scoring_head="
+                f"{self.config.scoring_head!r} (global embeddings only); it has no middle retrieval stage."
+            )
 
     def similarity(
         self,
@@ -1052,6 +1291,10 @@ class SCTAModel(SCTAPreTrainedModel):
             `(B_img, B_txt)` scores. To score the same captions again, encode them once with
             `caption_key_tokens` and call `score`.
         """
+        if self.config.scoring_head == "global":
+            return self.global_similarity(
+                self.pool_image_tokens(image_embeds), self.pool_text_tokens(text_embeds, text_attention_mask)
+            )
         return self.head(image_embeds, text_embeds, text_attention_mask, image_chunk_size, text_chunk_size)
 
     @can_return_tuple
@@ -1085,6 +1328,8 @@ class SCTAModel(SCTAPreTrainedModel):
         """
         if pixel_values is None or input_ids is None:
             raise ValueError("SCTAModel.forward needs both pixel_values and input_ids.")
+        _check_tensor("pixel_values", pixel_values)
+        _check_tensor("input_ids", input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if return_loss and pixel_values.shape[0] != input_ids.shape[0]:
@@ -1103,16 +1348,8 @@ class SCTAModel(SCTAPreTrainedModel):
         text_outputs = self.get_text_features(input_ids, attention_mask, return_dict=True, **text_kwargs)
         image_embeds, text_embeds = image_outputs.last_hidden_state, text_outputs.last_hidden_state
         logits_per_image = self.similarity(image_embeds, text_embeds, attention_mask)
-        loss = None
-        if return_loss:
-            global_logits = self.global_similarity(image_outputs.pooler_output, text_outputs.pooler_output)
-            loss, _ = scta_with_global_loss(
-                logits_per_image, global_logits, image_ids, self.config.margin, hardest_negative,
-                self.config.global_loss_weight,
-            )
         kept = torch.tensor(self.head.num_kept_patches / self.head.num_patches, device=logits_per_image.device)
-        return SCTAOutput(
-            loss=loss,
+        fields = dict(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),
             image_embeds=image_embeds,
@@ -1123,6 +1360,10 @@ class SCTAModel(SCTAPreTrainedModel):
             vision_model_output=image_outputs,
             text_model_output=text_outputs,
         )
+        loss = None
+        if return_loss:  # this batch's loss; the Trainer's SCTALoss spans every process's batch
+            loss = SCTALoss(self.config)(self, SCTAOutput(**fields), attention_mask, image_ids, hardest_negative)
+        return SCTAOutput(loss=loss, **fields)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; the saved config maps `AutoModelForZeroShotImageClassification` to
@@ -1149,13 +1390,10 @@ class SCTAModel(SCTAPreTrainedModel):
             for side in tower_kwargs:
                 if key.startswith(side + "_"):
                     tower_kwargs[side][key[len(side) + 1 :]] = kwargs.pop(key)
-        towers = {}
-        for side, name in (("vision", vision_model_name_or_path), ("text", text_model_name_or_path)):
-            tower_config = AutoConfig.from_pretrained(name, **tower_kwargs[side])
-            model_class = AutoModel._model_mapping[type(tower_config)]
-            if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
-                tower_kwargs[side].setdefault("add_pooling_layer", False)
-            towers[side] = AutoModel.from_pretrained(name, config=tower_config, **tower_kwargs[side])
+        towers = {
+            side: load_pretrained_tower(name, side, **tower_kwargs[side])
+            for side, name in (("vision", vision_model_name_or_path), ("text", text_model_name_or_path))
+        }
         config = SCTAConfig.from_vision_text_configs(towers["vision"].config, towers["text"].config, **kwargs)
         return cls(config, vision_model=towers["vision"], text_model=towers["text"])
 
@@ -1170,10 +1408,13 @@ SCTAModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "CaptionKeyTokens",
+    "SCTAImageEncoder",
+    "SCTATextEncoder",
     "KeyTokenAlignmentHead",
     "SCTAModel",
     "SCTAPreTrainedModel",
     "TokenAggregator",
+    "SCTALoss",
     "scta_loss",
     "scta_with_global_loss",
 ]

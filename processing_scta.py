@@ -26,12 +26,17 @@ import PIL.ImageOps
 import torch
 import torchvision.transforms.v2.functional as tvF
 from torchvision.transforms import InterpolationMode
-from transformers import BertTokenizer, ViTImageProcessor
+from transformers import AutoProcessor, BertTokenizer, ViTImageProcessor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+try:
+    from .configuration_scta import SCTAConfig
+except ImportError:
+    from configuration_scta import SCTAConfig
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,15 @@ def _to_uint8_tensor(image: PIL.Image.Image) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
+def image_side(image_processor: BaseImageProcessor) -> int:
+    """The side of the square `pixel_values` an image processor gives: its crop size when it centre-crops (CLIP),
+    else its resize height (ViT)."""
+    if getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None):
+        return image_processor.crop_size["height"]
+    size = image_processor.size
+    return size["height"] if "height" in size else size["shortest_edge"]
+
+
 def _normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (3, H, W) -> float32 (3, H, W), rescaled to [0, 1] then normalised."""
     return tvF.normalize(pixels.float() / 255.0, list(mean), list(std))
@@ -123,9 +137,13 @@ class ImageEvalTransform:
         self.std = tuple(std)
 
     @classmethod
-    def from_image_processor(cls, image_processor: BaseImageProcessor) -> "ImageEvalTransform":
-        """The transform matching a (square-resizing) image processor's size, mean and std."""
-        return cls(image_processor.size["height"], image_processor.image_mean, image_processor.image_std)
+    def from_image_processor(cls, image_processor: BaseImageProcessor) -> Callable[[PIL.Image.Image], torch.Tensor]:
+        """The transform matching an image processor: this fast one for a square-resizing processor (ViT's), else
+        the image processor itself, one image at a time (CLIP's shortest-edge resize and centre crop)."""
+        size = getattr(image_processor, "size", None) or {}
+        if "height" in size and not getattr(image_processor, "do_center_crop", False):
+            return cls(size["height"], image_processor.image_mean, image_processor.image_std)
+        return lambda image: image_processor(image, return_tensors="pt")["pixel_values"][0]
 
     def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
         pixels = _to_uint8_tensor(image)
@@ -177,9 +195,9 @@ class ImageTrainTransform:
         horizontal_flip: bool = True,
         scale: tuple[float, float] = (0.6, 1.0),
     ) -> "ImageTrainTransform":
-        """The augmentation producing images of the image processor's size, mean and std."""
+        """The augmentation producing images of the image processor's output size, mean and std."""
         return cls(
-            image_processor.size["height"],
+            image_side(image_processor),
             scale=scale,
             mean=image_processor.image_mean,
             std=image_processor.image_std,
@@ -413,18 +431,37 @@ class CaptionAugmenter:
 # ---------------------------------------------------------------------------
 
 
-class SCTAProcessor(ProcessorMixin):
-    r"""Image processor + BERT WordPiece tokenizer for SCTA.
+class SCTAProcessorKwargs(ProcessingKwargs, total=False):
+    """`SCTAProcessor`'s defaults: captions padded to the longest of the batch and truncated to 90 tokens (the paper's
+    evaluation limit); no token_type_ids (one sentence per caption)."""
 
-    `processor(images=..., text=..., return_tensors="pt")` gives `pixel_values`
-    (B, 3, S, S) and/or `input_ids`, `attention_mask` (B, L), padded to the
-    longest caption and truncated to `max_length` (90 by default, the paper's
-    evaluation limit). Images of any mode go through `convert_to_rgb` first.
+    _defaults = {
+        "text_kwargs": {
+            "padding": "longest",
+            "truncation": True,
+            "max_length": EVAL_MAX_CAPTION_TOKENS,
+            "return_token_type_ids": False,
+        },
+    }
+
+
+class SCTAProcessor(ProcessorMixin):
+    r"""Image processor + tokenizer of SCTA, in `CLIPProcessor`'s conventions.
+
+    `processor(images=..., text=..., return_tensors="pt")` gives `pixel_values` (B, 3, S, S) and/or `input_ids`,
+    `attention_mask` (B, L): `model_input_names`. Keyword arguments go where they belong: tokenizer arguments
+    (`padding`, `truncation`, `max_length`, ...) to the tokenizer, image-processor arguments to the image processor,
+    or explicitly as `text_kwargs={...}` / `images_kwargs={...}`; `return_tensors` to both. Defaults:
+    `SCTAProcessorKwargs`. Images are PIL images of any mode; they go through `convert_to_rgb` (EXIF orientation,
+    alpha, palette) first.
 
     Args:
-        image_processor: a `ViTImageProcessor` resizing to S×S (bicubic) with ImageNet mean/std.
-        tokenizer: a BERT WordPiece tokenizer.
+        image_processor: the image tower's image processor (any `AutoImageProcessor`; `from_tokenizer` builds
+            the paper's ViT-style one for towers trained from scratch).
+        tokenizer: the text tower's tokenizer (any `AutoTokenizer`).
     """
+
+    valid_processor_kwargs = SCTAProcessorKwargs
 
     def __init__(self, image_processor: BaseImageProcessor, tokenizer: PreTrainedTokenizerBase):
         super().__init__(image_processor, tokenizer)
@@ -440,52 +477,94 @@ class SCTAProcessor(ProcessorMixin):
         )
         return cls(image_processor, tokenizer)
 
-    def __call__(
-        self,
-        images: PIL.Image.Image | Sequence[PIL.Image.Image] | None = None,
-        text: str | Sequence[str] | None = None,
-        return_tensors: str | None = None,
-        max_length: int = EVAL_MAX_CAPTION_TOKENS,
-    ) -> BatchFeature:
+    @property
+    def unused_input_names(self) -> list[str]:
+        """A caption is one sentence: its token_type_ids would be all zeros, and are not returned."""
+        return ["token_type_ids"]
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
         """Preprocess images and/or captions.
 
         Raises:
-            ValueError: neither images nor text given, an image that is not a
-                PIL image, or a caption that is empty or whitespace only (the
-                message names its index in the batch).
+            ValueError: neither images nor text given; an empty list; an image that is not a PIL image; a caption that is bytes, not a string, or empty / whitespace only (the message names its
+                index in the batch); videos or audio.
         """
+        if videos is not None or audio is not None:
+            raise ValueError("SCTAProcessor takes images and captions only, not videos or audio.")
         if images is None and text is None:
             raise ValueError("Pass images=..., text=..., or both.")
+        merged = self._merge_kwargs(SCTAProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         data = {}
         if images is not None:
-            images = [images] if isinstance(images, PIL.Image.Image) else list(images)
-            for index, image in enumerate(images):
-                if not isinstance(image, PIL.Image.Image):
-                    raise ValueError(
-                        f"Image at index {index} of the batch is a {type(image).__name__}; pass PIL images "
-                        "(PIL.Image.open(path) or PIL.Image.fromarray(array))."
-                    )
-            rgb_images = [convert_to_rgb(image) for image in images]
-            data.update(self.image_processor(rgb_images, return_tensors=return_tensors))
+            data.update(self.image_processor(_checked_images(images), **merged["images_kwargs"]))
         if text is not None:
-            captions = [text] if isinstance(text, str) else list(text)
-            input_ids, num_truncated = encode_captions(self.tokenizer, captions, max_length)
-            if num_truncated:
-                logger.warning(
-                    "%d of %d captions longer than %d tokens were truncated.", num_truncated, len(captions), max_length
-                )
-            data.update(
-                self.tokenizer.pad(
-                    {"input_ids": input_ids},
-                    padding="longest",
-                    return_attention_mask=True,
-                    return_tensors=return_tensors,
-                )
-            )
+            captions = _checked_captions(text)
+            text_kwargs = merged["text_kwargs"]
+            self._check_caption_tokens(captions, text_kwargs)
+            data.update(self.tokenizer(captions, **text_kwargs))
+        data = {name: value for name, value in data.items() if name not in self.unused_input_names}
+        return_tensors = merged["text_kwargs"].get("return_tensors") or merged["images_kwargs"].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_caption_tokens(self, captions: list[str], text_kwargs: dict) -> None:
+        """Every caption has a token; captions cut by `max_length` are counted in a warning, not cut silently."""
+        lengths = [len(ids) for ids in self.tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"]]
+        for index, length in enumerate(lengths):
+            if length == 0:
+                raise ValueError(
+                    f"Caption at index {index} of the batch is empty or whitespace only ({captions[index]!r}). "
+                    "Every caption needs at least one word: fix or remove it."
+                )
+        max_length = text_kwargs.get("max_length")
+        if text_kwargs.get("truncation") and max_length:
+            limit = max_length - self.tokenizer.num_special_tokens_to_add()
+            truncated = sum(length > limit for length in lengths)
+            if truncated:
+                logger.warning("%d of %d captions longer than %d tokens were truncated.", truncated, len(captions), max_length)
+
+
+def _checked_images(images) -> list[PIL.Image.Image]:
+    """`images` as a non-empty list of RGB PIL images (`convert_to_rgb`), or a ValueError naming the one that is
+    not a PIL image. (Arrays are refused rather than guessed at: a (4, 4, 3) array is channels-last or -first.)"""
+    images = [images] if isinstance(images, PIL.Image.Image) else images
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(
+            f"images must be a PIL image or a list of PIL images, got a {type(images).__name__}. Open files with "
+            "PIL.Image.open(path); convert arrays with PIL.Image.fromarray(array)."
+        )
+    if len(images) == 0:
+        raise ValueError("images=[] is empty: pass at least one image, or leave images out.")
+    for index, image in enumerate(images):
+        if not isinstance(image, PIL.Image.Image):
+            hint = " (encoded bytes: PIL.Image.open(io.BytesIO(data)))" if isinstance(image, bytes) else ""
+            raise ValueError(
+                f"Image at index {index} of the batch is a {type(image).__name__}{hint}; pass PIL images "
+                "(PIL.Image.open(path) or PIL.Image.fromarray(array))."
+            )
+    return [convert_to_rgb(image) for image in images]
+
+
+def _checked_captions(text) -> list[str]:
+    """`text` as a non-empty list of strings, or a ValueError naming the caption that is not one."""
+    if isinstance(text, bytes):
+        raise ValueError("text is bytes, not a string: decode it first (text.decode('utf-8')).")
+    captions = [text] if isinstance(text, str) else text
+    if not isinstance(captions, (list, tuple)):
+        raise ValueError(f"text must be a string or a list of strings, got a {type(text).__name__}.")
+    if len(captions) == 0:
+        raise ValueError("text=[] is empty: pass at least one caption, or leave text out.")
+    for index, caption in enumerate(captions):
+        if isinstance(caption, bytes):
+            raise ValueError(f"Caption at index {index} of the batch is bytes: decode it first (caption.decode('utf-8')).")
+        if not isinstance(caption, str):
+            raise ValueError(f"Caption at index {index} of the batch is a {type(caption).__name__}, not a string: {caption!r}.")
+    return list(captions)
 
 
 SCTAProcessor.register_for_auto_class("AutoProcessor")
+# With this file imported (the project installed), AutoProcessor.from_pretrained(folder) uses it directly: no remote
+# code, no trust_remote_code prompt.
+AutoProcessor.register(SCTAConfig, SCTAProcessor, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------

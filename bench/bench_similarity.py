@@ -319,9 +319,9 @@ def compare_with_loop(job: dict, batched: dict, loop: dict, head: KeyTokenAlignm
 def recall_of(scores: torch.Tensor, owners: torch.Tensor) -> dict | str:
     """R@1/5 and rsum by the project's definition (METHOD.md "Evaluation"), or why they could not be computed."""
     try:
-        from run_retrieval import retrieval_metrics
-    except ImportError as error:  # run_retrieval needs `datasets`, which a bare GPU machine may lack
-        logger.warning("recall not computed: run_retrieval does not import (%s)", error)
+        from scta_train.metrics import retrieval_metrics
+    except ImportError as error:  # scta_train needs `datasets`, which a bare GPU machine may lack
+        logger.warning("recall not computed: scta_train does not import (%s)", error)
         return f"not computed: {error}"
     metrics = retrieval_metrics(scores, owners, five_fold=False)
     return {name: metrics[name] for name in ("r1_i2t", "r5_i2t", "r1_t2i", "r5_t2i", "rsum")}

@@ -8,7 +8,7 @@ Part 1, recall (`--models DIR [DIR ...]`, trained models): on a test split (defa
 - for each first stage and each k in `--ks`: the candidate recall (share of queries whose positive is among the
   k candidates), the final R@1/5/10 in both directions after re-ranking (one ranking per direction), the
   distinct head pairs scored, and the scoring time (first stage + head on the candidates, measured with
-  `SCTAModel.score_candidates`, through `run_retrieval.two_stage_rank`, the function `SCTATrainer.evaluate` uses;
+  `SCTAModel.score_candidates`, through `scta_train.retrieval.two_stage_rank`, the function `SCTATrainer.evaluate` uses;
   the re-ranked scores are checked against the exhaustive matrix).
   First stages: `global` (cosine of the model's global embeddings, `config.global_pooling`), `cls` (cosine of the
   projected [CLS] tokens), and `global>independent@N` (the global top N of every query, N in `--middle-n`,
@@ -37,15 +37,10 @@ from benchlib import format_table, logger, machine_info, matmul_peak_gflops, set
 
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel, cosine_similarity_matrix
 from processing_scta import RetrievalEvalCaptions, RetrievalEvalImages, SCTAProcessor
-from run_retrieval import (
-    NON_CANDIDATE_OFFSET,
-    DataArguments,
-    encode_caption_corpus,
-    encode_image_corpus,
-    load_retrieval_dataset,
-    retrieval_metrics,
-    two_stage_rank,
-)
+from scta_train.arguments import DataArguments
+from scta_train.data import load_retrieval_dataset
+from scta_train.metrics import retrieval_metrics
+from scta_train.retrieval import NON_CANDIDATE_OFFSET, encode_caption_corpus, encode_image_corpus, two_stage_rank
 
 
 RECALLS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum")

@@ -18,6 +18,11 @@ What is in it, and why:
   object's colour, size, shape and position, in varied order, padded with
   filler and modifiers ("a photo that clearly shows", "a rather nice", ...):
   the redundant words SCTA's word aggregation is meant to merge away.
+  `--caption_redundancy` sets how much of it there is: `none` (the bare
+  attribute phrases: "a small red circle at the top and ..."), `default` (the
+  above), `heavy` (a filler prefix, a modifier on every object, filler phrases
+  between objects and a filler suffix in every caption). Only the captions
+  change: the images and scenes of a seed are the same at every level.
 - Hard negatives: no two images of a split have the same set of objects, and
   about a third of the images are made from the previous one by rotating one
   attribute among its objects ("red circle + blue square" then "blue circle +
@@ -33,6 +38,7 @@ What is in it, and why:
 import argparse
 import dataclasses
 import io
+import json
 import logging
 import multiprocessing
 import os
@@ -114,6 +120,13 @@ PREFIXES = (
 )
 JOINERS = (" and ", ", ", " as well as ", " together with ", " plus ")
 SUFFIXES = ("", " on a noisy background", ", which looks quite nice", " in a simple picture", " on a grey background")
+# How much filler and modification the captions carry (`describe_scene`); "default" is the set as published.
+CAPTION_REDUNDANCY = ("none", "default", "heavy")
+# "none": the attribute words and the position, nothing else.
+BARE_TEMPLATES = ("{size} {colour} {shape} {position}", "{position} {article_size} {colour} {shape}")
+BARE_JOINERS = (" and ", ", ")
+# "heavy": filler between objects, on top of the default's prefixes, modifiers and suffixes.
+FILLERS = ("if you look closely", "as you can clearly see", "quite honestly", "in a rather simple way", "it seems")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,21 +219,84 @@ def _describe_object(shape_object: ShapeObject, rng: np.random.Generator, first:
     return _with_article(pick(OBJECT_TEMPLATES).format(**words))
 
 
-def describe_scene(scene: tuple[ShapeObject, ...], rng: np.random.Generator) -> list[str]:
-    """`CAPTIONS_PER_IMAGE` different captions, each stating every object's attributes."""
-    captions: list[str] = []
-    while len(captions) < CAPTIONS_PER_IMAGE:
+def _describe_object_bare(shape_object: ShapeObject, rng: np.random.Generator, first: bool) -> str:
+    """The object's size, colour, shape and position, with no other word ("none" redundancy)."""
+    size = SIZE_WORDS[shape_object.size][rng.integers(2)]
+    position = POSITION_PHRASES[POSITIONS[shape_object.cell]][rng.integers(2)]
+    template = BARE_TEMPLATES[rng.integers(len(BARE_TEMPLATES))]
+    phrase = template.format(
+        size=size, colour=shape_object.colour, shape=shape_object.shape, position=position,
+        article_size=_with_article(size),
+    )
+    return _with_article(phrase) if template.startswith("{size}") else phrase
+
+
+def _describe_object_heavy(shape_object: ShapeObject, rng: np.random.Generator, first: bool) -> str:
+    """The default phrase, always with a modifier ("heavy" redundancy)."""
+    phrase = _describe_object(shape_object, rng, first)
+    if any(modifier in phrase for modifier in MODIFIERS):
+        return phrase
+    modifier = MODIFIERS[rng.integers(len(MODIFIERS))]
+    return f"{phrase}, {_with_article(modifier)} one"
+
+
+def describe_scene(
+    scene: tuple[ShapeObject, ...], rng: np.random.Generator, redundancy: str = "default"
+) -> list[str]:
+    """`CAPTIONS_PER_IMAGE` different captions, each stating every object's attributes, with `redundancy`
+    (one of `CAPTION_REDUNDANCY`) filler and modification around them."""
+    if redundancy == "none":
+        return _describe_scene_bare(scene, rng)
+    if redundancy == "heavy":
+        return _describe_scene_heavy(scene, rng)
+    if redundancy != "default":
+        raise ValueError(f"caption redundancy {redundancy!r} is not one of {', '.join(CAPTION_REDUNDANCY)}.")
+
+    def one_caption() -> str:
         order = rng.permutation(len(scene))
         phrases = [_describe_object(scene[index], rng, first=rank == 0) for rank, index in enumerate(order)]
         joiner = JOINERS[rng.integers(len(JOINERS))]
         body = phrases[0] if len(phrases) == 1 else joiner.join(phrases[:-1]) + " and " + phrases[-1]
         prefix = PREFIXES[rng.integers(len(PREFIXES))]
         caption = (f"{prefix} {body}" if prefix else body) + SUFFIXES[rng.integers(len(SUFFIXES))]
-        if rng.random() < 0.5:
-            caption += " ."
+        return caption + " ." if rng.random() < 0.5 else caption
+
+    return _distinct(one_caption)
+
+
+def _distinct(one_caption) -> list[str]:
+    """`CAPTIONS_PER_IMAGE` different captions from repeated calls of `one_caption`."""
+    captions: list[str] = []
+    while len(captions) < CAPTIONS_PER_IMAGE:
+        caption = one_caption()
         if caption not in captions:
             captions.append(caption)
     return captions
+
+
+def _describe_scene_bare(scene: tuple[ShapeObject, ...], rng: np.random.Generator) -> list[str]:
+    def one_caption() -> str:
+        order = rng.permutation(len(scene))
+        phrases = [_describe_object_bare(scene[index], rng, first=rank == 0) for rank, index in enumerate(order)]
+        joiner = BARE_JOINERS[rng.integers(len(BARE_JOINERS))]
+        return phrases[0] if len(phrases) == 1 else joiner.join(phrases[:-1]) + " and " + phrases[-1]
+
+    return _distinct(one_caption)
+
+
+def _describe_scene_heavy(scene: tuple[ShapeObject, ...], rng: np.random.Generator) -> list[str]:
+    def one_caption() -> str:
+        order = rng.permutation(len(scene))
+        phrases = [_describe_object_heavy(scene[index], rng, first=rank == 0) for rank, index in enumerate(order)]
+        body = phrases[0]
+        for phrase in phrases[1:]:
+            connective = JOINERS[rng.integers(len(JOINERS))].strip(" ,")  # "and", "", "as well as", ...
+            body += f"{' ' + connective if connective else ''}, {FILLERS[rng.integers(len(FILLERS))]}, {phrase}"
+        prefix = PREFIXES[1 + rng.integers(len(PREFIXES) - 1)]  # never the empty prefix
+        caption = f"{prefix} {body}{SUFFIXES[1 + rng.integers(len(SUFFIXES) - 1)]}"
+        return caption + " ." if rng.random() < 0.5 else caption
+
+    return _distinct(one_caption)
 
 
 # ---------------------------------------------------------------------------
@@ -289,17 +365,20 @@ def _render_png(job: tuple[tuple[ShapeObject, ...], int, tuple[int, ...]]) -> by
 # ---------------------------------------------------------------------------
 
 
-def _generate_split(split: str, num_images: int, seed: int, image_size: int, pool: Pool | None) -> datasets.Dataset:
+def _generate_split(
+    split: str, num_images: int, seed: int, image_size: int, pool: Pool | None, redundancy: str = "default"
+) -> datasets.Dataset:
     split_index = SPLITS.index(split)
     rng = np.random.default_rng([seed, split_index])
     scenes = sample_scenes(num_images, rng)
-    captions = [describe_scene(scene, rng) for scene in scenes]
+    captions = [describe_scene(scene, rng, redundancy) for scene in scenes]
     jobs = [(scene, image_size, (seed, split_index, index)) for index, scene in enumerate(scenes)]
     png_images = pool.map(_render_png, jobs, chunksize=64) if pool else [_render_png(job) for job in jobs]
     image_ids = [split_index * SPLIT_ID_OFFSET + index for index in range(num_images)]
     description = (
         f"Synthetic shapes retrieval set, {split} split (seed {seed}, {image_size}x{image_size} images): "
-        f"{num_images} images, {CAPTIONS_PER_IMAGE} captions each. Made by dataset_scripts/synthetic_shapes.py."
+        f"{num_images} images, {CAPTIONS_PER_IMAGE} captions each, {redundancy} caption redundancy. Made by "
+        "dataset_scripts/synthetic_shapes.py."
     )
     return datasets.Dataset.from_dict(
         {
@@ -321,12 +400,18 @@ def generate_synthetic_dataset(
     test_images: int = 1000,
     image_size: int = 64,
     num_proc: int | None = None,
+    caption_redundancy: str = "default",
 ) -> datasets.DatasetDict:
     """Generate the synthetic set (and `save_to_disk` it to `output_dir` when given).
 
     A split with 0 images is left out. `num_proc` processes render the images
-    (default: all CPU cores); it does not change the result.
+    (default: all CPU cores); it does not change the result. `caption_redundancy`
+    (`CAPTION_REDUNDANCY`) sets how much filler the captions carry.
     """
+    if caption_redundancy not in CAPTION_REDUNDANCY:
+        raise ValueError(
+            f"caption_redundancy={caption_redundancy!r} is not one of {', '.join(CAPTION_REDUNDANCY)}."
+        )
     sizes = {"train": train_images, "dev": dev_images, "test": test_images}
     for split, num_images in sizes.items():
         if not 0 <= num_images < SPLIT_ID_OFFSET:
@@ -338,7 +423,7 @@ def generate_synthetic_dataset(
     try:
         dataset_dict = datasets.DatasetDict(
             {
-                split: _generate_split(split, num_images, seed, image_size, pool)
+                split: _generate_split(split, num_images, seed, image_size, pool, caption_redundancy)
                 for split, num_images in sizes.items()
                 if num_images
             }
@@ -355,16 +440,26 @@ def generate_synthetic_dataset(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", required=True, type=Path)
+    parser.add_argument("--output_dir", type=Path, help="where to save_to_disk the set (a datasets folder)")
+    parser.add_argument(
+        "--png_dir", type=Path,
+        help="also (or instead) write the images as files, SPLIT/NAME.png, with SPLIT/metadata.jsonl (file_name, captions)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_images", type=int, default=8000)
     parser.add_argument("--dev_images", type=int, default=500)
     parser.add_argument("--test_images", type=int, default=1000)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--num_proc", type=int, default=None, help="processes rendering images (default: all cores)")
+    parser.add_argument(
+        "--caption_redundancy", choices=CAPTION_REDUNDANCY, default="default",
+        help="how much filler and modification the captions carry (images do not change)",
+    )
     args = parser.parse_args(argv)
+    if args.output_dir is None and args.png_dir is None:
+        parser.error("give --output_dir, --png_dir or both")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    generate_synthetic_dataset(
+    dataset = generate_synthetic_dataset(
         output_dir=args.output_dir,
         seed=args.seed,
         train_images=args.train_images,
@@ -372,7 +467,25 @@ def main(argv: list[str] | None = None) -> None:
         test_images=args.test_images,
         image_size=args.image_size,
         num_proc=args.num_proc,
+        caption_redundancy=args.caption_redundancy,
     )
+    if args.png_dir is not None:
+        write_png_files(dataset, args.png_dir)
+
+
+def write_png_files(dataset: datasets.DatasetDict, folder: Path) -> None:
+    """Each split's images as `folder/SPLIT/NNNNNNN.png` files, and `folder/SPLIT/metadata.jsonl` (imagefolder
+    metadata: `file_name`, `captions`), e.g. to index them with scta-search."""
+    for split, rows in dataset.items():
+        target = Path(folder) / split
+        target.mkdir(parents=True, exist_ok=True)
+        raw = rows.cast_column("image", datasets.Image(decode=False))
+        with open(target / "metadata.jsonl", "w", encoding="utf-8") as metadata:
+            for row in raw:
+                name = Path(row["filename"]).name
+                (target / name).write_bytes(row["image"]["bytes"])
+                metadata.write(json.dumps({"file_name": name, "captions": row["captions"]}) + "\n")
+        logger.info("Wrote %d PNG files and metadata.jsonl to %s", len(rows), target)
 
 
 if __name__ == "__main__":

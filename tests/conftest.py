@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from scta_train.testing import TINY_TEXT, TINY_VISION
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -16,24 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# run_retrieval.py's tower configs, from the tiny towers of tiny_models (longer captions than its BERT takes)
 TINY_TOWERS = {
-    "vision_config": {
-        "model_type": "vit",
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-    },
-    "text_config": {
-        "model_type": "bert",
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 128,
-    },
+    "vision_config": {"model_type": "vit", **TINY_VISION},
+    "text_config": {"model_type": "bert", **TINY_TEXT, "max_position_embeddings": 128},
 }
 
 
@@ -79,3 +67,11 @@ def write_config(path, config: dict) -> str:
     with open(path, "w", encoding="utf-8") as file:
         json.dump(config, file, indent=2)
     return str(path)
+
+
+def run_main(argv: list[str]) -> dict:
+    """What `python run_retrieval.py ARGV` does, in this process: parse the arguments, then `scta_train.pipeline.run`."""
+    from scta_train.arguments import parse_arguments
+    from scta_train.pipeline import run
+
+    return run(*parse_arguments(argv))

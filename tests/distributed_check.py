@@ -18,7 +18,9 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import torch  # noqa: E402
 
 from modeling_scta import SCTAModel, cosine_similarity_matrix, scta_with_global_loss  # noqa: E402
-from run_retrieval import SCTATrainer, SCTATrainingArguments, leave_process_group  # noqa: E402
+from scta_train.arguments import SCTATrainingArguments  # noqa: E402
+from scta_train.pipeline import leave_process_group  # noqa: E402
+from scta_train.trainer import SCTATrainer  # noqa: E402
 from tiny_models import random_text_batch, tiny_scta_config  # noqa: E402
 
 

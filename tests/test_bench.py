@@ -110,14 +110,14 @@ def test_two_stage_benchmark_runs_and_its_reranked_scores_are_exact(tmp_path, on
     from conftest import TINY_TOWERS
     from modeling_scta import SCTAModel
     from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
-    from run_retrieval import _tower_config
+    from scta_train.models import tower_config_from_spec
 
     captions = [c for row in datasets.load_from_disk(synthetic_dir)["train"]["captions"] for c in row]
     processor = SCTAProcessor.from_tokenizer(train_wordpiece_tokenizer(captions, vocab_size=300), image_size=32)
     torch.manual_seed(0)
-    text_config = _tower_config({**TINY_TOWERS["text_config"], "vocab_size": len(processor.tokenizer)}, "text")
+    text_config = tower_config_from_spec({**TINY_TOWERS["text_config"], "vocab_size": len(processor.tokenizer)}, "text")
     config = bench_two_stage.SCTAModel.config_class.from_vision_text_configs(
-        _tower_config(TINY_TOWERS["vision_config"], "vision"), text_config, embed_size=32
+        tower_config_from_spec(TINY_TOWERS["vision_config"], "vision"), text_config, embed_size=32
     )
     model_dir = tmp_path / "model"
     SCTAModel(config).save_pretrained(model_dir)

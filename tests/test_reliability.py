@@ -13,9 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import run_retrieval
-from conftest import REPO, tiny_run_config, write_config
-from run_retrieval import is_complete_checkpoint, last_complete_checkpoint
+import modeling_scta
+from conftest import REPO, run_main, tiny_run_config, write_config
+from modeling_scta import scta_with_global_loss
+from scta_train.arguments import parse_arguments
+from scta_train.data import load_retrieval_dataset
+from scta_train.models import build_model, build_processor
+from scta_train.trainer import SCTATrainer, is_complete_checkpoint, last_complete_checkpoint
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -28,7 +32,7 @@ def _quality(results: dict) -> dict:
 
 def test_a_killed_run_resumes_to_the_same_model_and_metrics(tmp_path, synthetic_dir):
     settings = {"num_train_epochs": 3, "save_total_limit": None}
-    uninterrupted = run_retrieval.main(
+    uninterrupted = run_main(
         [write_config(tmp_path / "a.json", tiny_run_config(synthetic_dir, str(tmp_path / "a"), **settings))]
     )
 
@@ -55,7 +59,7 @@ def test_a_killed_run_resumes_to_the_same_model_and_metrics(tmp_path, synthetic_
     (torn / "model.safetensors").write_bytes(b"\0" * 64)
     assert last_complete_checkpoint(str(killed_dir)) != str(torn)
 
-    resumed = run_retrieval.main(
+    resumed = run_main(
         [write_config(tmp_path / "b2.json", tiny_run_config(synthetic_dir, str(killed_dir), resume_from_checkpoint="last", **settings))]
     )
     final_a, final_b = _weights(tmp_path / "a"), _weights(killed_dir)
@@ -90,10 +94,10 @@ def test_resuming_from_a_torn_or_missing_checkpoint_is_an_error(tmp_path, synthe
     (torn / "model.safetensors").write_bytes(b"weights")
     config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), resume_from_checkpoint=str(torn))
     with pytest.raises(ValueError, match="is not a complete checkpoint folder"):
-        run_retrieval.main([write_config(tmp_path / "a.json", config)])
+        run_main([write_config(tmp_path / "a.json", config)])
     config = tiny_run_config(synthetic_dir, str(tmp_path / "empty"), resume_from_checkpoint="last")
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        run_retrieval.main([write_config(tmp_path / "b.json", config)])
+        run_main([write_config(tmp_path / "b.json", config)])
 
 
 # ---------------------------------------------------------------------------------------------- non-finite loss
@@ -102,7 +106,7 @@ def test_resuming_from_a_torn_or_missing_checkpoint_is_an_error(tmp_path, synthe
 @pytest.fixture
 def poisoned_loss(monkeypatch):
     """Make the training loss (`scta_with_global_loss`) non-finite on the chosen (1-based) calls."""
-    original = run_retrieval.scta_with_global_loss
+    original = scta_with_global_loss
 
     def install(poisoned_calls):
         calls = []
@@ -112,7 +116,7 @@ def poisoned_loss(monkeypatch):
             loss, global_loss = original(*args, **kwargs)
             return (loss * float("nan") if len(calls) in poisoned_calls else loss), global_loss
 
-        monkeypatch.setattr(run_retrieval, "scta_with_global_loss", poisoned)
+        monkeypatch.setattr(modeling_scta, "scta_with_global_loss", poisoned)
 
     return install
 
@@ -123,7 +127,7 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path, synthetic_dir
         synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, do_eval=False, do_predict=False,
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=1,
     )
-    results = run_retrieval.main([write_config(tmp_path / "run.json", config)])
+    results = run_main([write_config(tmp_path / "run.json", config)])
     assert results["nonfinite_loss_steps"] == 2
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
@@ -136,13 +140,13 @@ def test_a_skipped_step_leaves_the_weights_unchanged(tmp_path, synthetic_dir, po
     from processing_scta import RetrievalCollator
 
     poisoned_loss({1})
-    model_args, data_args, training_args = run_retrieval.parse_arguments(
+    model_args, data_args, training_args = parse_arguments(
         [write_config(tmp_path / "run.json", tiny_run_config(synthetic_dir, str(tmp_path / "out")))]
     )
-    dataset = run_retrieval.load_retrieval_dataset(data_args, training_args)
-    processor = run_retrieval.build_processor(model_args, dataset, "train")
-    model = run_retrieval.build_model(model_args, processor)
-    trainer = run_retrieval.SCTATrainer(model=model, args=training_args, eval_dataset=dataset["dev"])
+    dataset = load_retrieval_dataset(data_args, training_args)
+    processor = build_processor(model_args, dataset, "train")
+    model = build_model(model_args, processor)
+    trainer = SCTATrainer(model=model, args=training_args, eval_dataset=dataset["dev"])
     trainer.create_optimizer()
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     batch = RetrievalCollator(processor.tokenizer.pad_token_id)(
@@ -165,7 +169,7 @@ def test_repeated_non_finite_losses_stop_the_run(tmp_path, synthetic_dir, poison
         eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
     )
     with pytest.raises(FloatingPointError, match="non-finite in 3 consecutive steps"):
-        run_retrieval.main([write_config(tmp_path / "run.json", config)])
+        run_main([write_config(tmp_path / "run.json", config)])
 
 
 # ---------------------------------------------------------------------------------------------- bad images
@@ -187,7 +191,7 @@ def dataset_with_a_broken_image(tmp_path, synthetic_dir):
 def test_a_broken_training_image_stops_with_a_clear_error(tmp_path, dataset_with_a_broken_image):
     config = tiny_run_config(dataset_with_a_broken_image, str(tmp_path / "out"), num_train_epochs=1)
     with pytest.raises(ValueError, match=r"row 5 .*on_bad_image"):
-        run_retrieval.main([write_config(tmp_path / "run.json", config)])
+        run_main([write_config(tmp_path / "run.json", config)])
 
 
 def test_a_broken_training_image_is_skipped_and_counted_on_request(tmp_path, dataset_with_a_broken_image, caplog):
@@ -196,7 +200,7 @@ def test_a_broken_training_image_is_skipped_and_counted_on_request(tmp_path, dat
         do_predict=False, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
     )
     with caplog.at_level("WARNING"):
-        run_retrieval.main([write_config(tmp_path / "run.json", config)])
+        run_main([write_config(tmp_path / "run.json", config)])
     skipped = [record for record in caplog.records if "Skipping pair" in record.getMessage()]
     assert len(skipped) == 5  # the image's 5 pairs, once each in the epoch
     assert "5 pairs skipped so far" in skipped[-1].getMessage()

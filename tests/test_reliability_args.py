@@ -9,16 +9,16 @@ import PIL.Image
 import pytest
 import torch
 
-import run_retrieval
 from configuration_scta import SCTAConfig
-from conftest import tiny_run_config, write_config
+from conftest import run_main, tiny_run_config, write_config
 from modeling_scta import SCTAModel
 from processing_scta import SCTAProcessor, convert_to_rgb, decode_image, train_wordpiece_tokenizer
+from scta_train.arguments import SCTATrainingArguments, load_json_arguments, parse_arguments
 from tiny_models import random_text_batch, tiny_bert_config, tiny_scta_config, tiny_vit_config
 
 
 def run(tmp_path, config: dict, *overrides: str, name: str = "run.json"):
-    return run_retrieval.main([write_config(tmp_path / name, config), *overrides])
+    return run_main([write_config(tmp_path / name, config), *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def saved_model(tmp_path_factory, synthetic_dir):
     output_dir = tmp_path_factory.mktemp("saved") / "model"
     config = tiny_run_config(synthetic_dir, str(output_dir), max_steps=2, do_eval=False, do_predict=False,
                              eval_strategy="no", save_strategy="no", load_best_model_at_end=False)  # fmt: skip
-    run_retrieval.main([write_config(output_dir.parent / "run.json", config)])
+    run_main([write_config(output_dir.parent / "run.json", config)])
     return output_dir
 
 
@@ -59,10 +59,10 @@ def test_misspelt_keys_invalid_json_and_other_shapes_name_the_file(tmp_path, syn
         run(tmp_path, config, "--seed", "3")
     (tmp_path / "bad.json").write_text('{"do_train": true,,}')
     with pytest.raises(ValueError, match=r"bad\.json is not valid JSON: .* at line 1, column 19"):
-        run_retrieval.main([str(tmp_path / "bad.json")])
+        run_main([str(tmp_path / "bad.json")])
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"list\.json must hold a JSON object .*not a list"):
-        run_retrieval.main([str(tmp_path / "list.json")])
+        run_main([str(tmp_path / "list.json")])
     # an upper-case extension is a config file too, not an unknown positional argument
     del config["learning_rat"]
     config["max_steps"] = 0
@@ -76,7 +76,7 @@ def test_misspelt_keys_invalid_json_and_other_shapes_name_the_file(tmp_path, syn
 @pytest.mark.parametrize("max_steps", [0, -2])
 def test_max_steps_below_one_other_than_minus_one_is_an_error(tmp_path, max_steps):
     with pytest.raises(ValueError, match=rf"--max_steps must be >= 1, or -1 .*got {max_steps}"):
-        run_retrieval.SCTATrainingArguments(output_dir=str(tmp_path), max_steps=max_steps)
+        SCTATrainingArguments(output_dir=str(tmp_path), max_steps=max_steps)
 
 
 def test_empty_image_limits_and_one_pair_batches_are_refused_up_front(tmp_path, synthetic_dir):
@@ -204,6 +204,6 @@ def test_exif_orientation_is_applied_wherever_an_image_is_decoded():
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))))
 def test_every_shipped_config_passes_the_type_check(name):
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name)
-    config = run_retrieval.load_json_arguments(path)
-    model_args, data_args, training_args = run_retrieval.parse_arguments([path])
+    config = load_json_arguments(path)
+    model_args, data_args, training_args = parse_arguments([path])
     assert training_args.do_train is True and training_args.output_dir == config["output_dir"]

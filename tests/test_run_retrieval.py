@@ -16,24 +16,20 @@ import pytest
 import torch
 import transformers
 
-import run_retrieval
-from conftest import REPO, tiny_run_config, write_config
+from conftest import REPO, run_main, tiny_run_config, write_config
 from fresh_process import run_without_project
-from run_retrieval import (
+from scta_train.arguments import SCTATrainingArguments, parse_arguments
+from scta_train.checks import check_launch
+from scta_train.metrics import recall_summary, retrieval_eval_loss, retrieval_metrics, retrieval_ranks
+from scta_train.results import format_results
+from scta_train.retrieval import (
     NON_CANDIDATE_OFFSET,
-    SCTATrainer,
-    SCTATrainingArguments,
     candidate_recall,
-    check_launch,
     first_stage_candidates,
-    format_results,
-    recall_summary,
-    retrieval_eval_loss,
-    retrieval_metrics,
-    retrieval_ranks,
     two_stage_pairs,
     two_stage_score_matrices,
 )
+from scta_train.trainer import SCTATrainer
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -185,7 +181,7 @@ def test_papers_recipe_is_the_default(tmp_path):
     assert args.lr_decay_epochs == [9, 15, 20, 25] and args.lr_decay_factor == 0.3 and args.backbone_lr_scale == 0.1
     assert args.metric_for_best_model == "rsum" and args.load_best_model_at_end and not args.remove_unused_columns
     for name in ("f30k_vit", "coco_vit"):
-        _, data_args, training_args = run_retrieval.parse_arguments([os.path.join(REPO, "configs", f"{name}.json")])
+        _, data_args, training_args = parse_arguments([os.path.join(REPO, "configs", f"{name}.json")])
         assert training_args.learning_rate == 2e-4 and training_args.num_train_epochs == 30
         assert training_args.per_device_train_batch_size == (128 if name == "f30k_vit" else 64)
 
@@ -198,7 +194,7 @@ def trained_run(tmp_path_factory, synthetic_dir):
     """One short training run (2 epochs, 30 steps) with dev evaluation, test evaluation and a model card."""
     output_dir = tmp_path_factory.mktemp("run") / "out"
     config = tiny_run_config(synthetic_dir, str(output_dir))
-    results = run_retrieval.main([write_config(output_dir.parent / "run.json", config)])
+    results = run_main([write_config(output_dir.parent / "run.json", config)])
     return SimpleNamespace(output_dir=output_dir, results=results, config=config)
 
 
@@ -227,6 +223,18 @@ def test_model_card_has_results_settings_and_usage(trained_run):
     assert "## Results: eval split" in card and "## Results: test split" in card
     assert "| image → text |" in card and "patch_keep_ratio=0.5" in card
     assert "trust_remote_code=True" in card and 'revision="<commit sha>"' in card
+    # Hub metadata: library, pipeline, tags and a model-index with the recall results of both splits
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(trained_run.output_dir / "README.md").data
+    assert data.library_name == "transformers" and data.pipeline_tag == "zero-shot-image-classification"
+    assert {"scta", "image-text-retrieval"} <= set(data.tags)
+    results = {(result.dataset_split, result.metric_type): result.metric_value for result in data.eval_results}
+    test_results = json.loads((trained_run.output_dir / "test_results.json").read_text())
+    assert results["test", "recall@1_i2t"] == round(test_results["test_r1_i2t"], 2)
+    assert results["test", "rsum"] == round(test_results["test_rsum"], 2)
+    assert ("validation", "recall@10_t2i") in results
+    assert card.count("## Results: test split") == 1  # SCTA's section once, before the Trainer's log
 
 
 LOAD_AND_SCORE = """
@@ -273,12 +281,12 @@ def test_evaluating_the_saved_folder_reproduces_its_metrics(trained_run, tmp_pat
         "do_train": False, "do_eval": True, "do_predict": True,
         "per_device_eval_batch_size": 7, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
     }
-    results = run_retrieval.main([write_config(tmp_path / "eval.json", config)])
+    results = run_main([write_config(tmp_path / "eval.json", config)])
     recorded = json.loads((trained_run.output_dir / "test_results.json").read_text())
     for name, value in recorded.items():
         if not name.endswith(("runtime", "per_second")):
             assert results[name] == pytest.approx(value, abs=1e-6), name
-    again = run_retrieval.main([write_config(tmp_path / "eval.json", config)])
+    again = run_main([write_config(tmp_path / "eval.json", config)])
     assert {k: v for k, v in again.items() if "runtime" not in k and "per_second" not in k} == {
         k: v for k, v in results.items() if "runtime" not in k and "per_second" not in k
     }
@@ -337,10 +345,10 @@ def _quality_metrics(results: dict) -> dict:
 
 
 def test_two_stage_evaluation_equals_exhaustive_when_k_covers_the_corpus(trained_run, tmp_path, synthetic_dir):
-    exhaustive = run_retrieval.main([write_config(tmp_path / "a.json", _eval_config(trained_run, synthetic_dir, tmp_path / "a"))])
+    exhaustive = run_main([write_config(tmp_path / "a.json", _eval_config(trained_run, synthetic_dir, tmp_path / "a"))])
     # 16 dev images x 80 captions: k = 80 covers every caption of an image and every image of a caption
     config = _eval_config(trained_run, synthetic_dir, tmp_path / "b", rerank_top_k=80)
-    two_stage = run_retrieval.main([write_config(tmp_path / "b.json", config)])
+    two_stage = run_main([write_config(tmp_path / "b.json", config)])
     assert exhaustive["eval_head_pairs"] == two_stage["eval_head_pairs"] == 16 * 80
     assert two_stage["eval_candidate_recall_i2t"] == two_stage["eval_candidate_recall_t2i"] == 100.0
     assert "eval_candidate_recall_i2t" not in exhaustive
@@ -349,11 +357,11 @@ def test_two_stage_evaluation_equals_exhaustive_when_k_covers_the_corpus(trained
 
     # with a middle stage that also covers the corpus
     config_middle = {**config, "output_dir": str(tmp_path / "m"), "middle_stage_top_n": 80}
-    three_stage = run_retrieval.main([write_config(tmp_path / "m.json", config_middle)])
+    three_stage = run_main([write_config(tmp_path / "m.json", config_middle)])
     assert three_stage["eval_middle_pairs"] == 16 * 80
     assert _quality_metrics(three_stage) == pytest.approx(expected, abs=1e-5)
 
-    small = run_retrieval.main([write_config(tmp_path / "c.json", {**config, "output_dir": str(tmp_path / "c"), "rerank_top_k": 3})])
+    small = run_main([write_config(tmp_path / "c.json", {**config, "output_dir": str(tmp_path / "c"), "rerank_top_k": 3})])
     assert small["eval_head_pairs"] < 16 * 3 + 80 * 3  # both directions' candidates, shared pairs scored once
     assert 0 <= small["eval_candidate_recall_t2i"] <= 100
     with pytest.raises(ValueError, match="rerank_top_k must be >= 0"):
@@ -395,7 +403,7 @@ def test_push_to_hub_uploads_a_folder_that_loads_in_a_fresh_process(tmp_path, sy
         synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, do_predict=False,
         push_to_hub=True, hub_model_id="scta-tiny", hub_strategy="end",
     )
-    run_retrieval.main([write_config(tmp_path / "push.json", config)])
+    run_main([write_config(tmp_path / "push.json", config)])
     assert hub.uploads and hub.uploads[-1][0] == "someone/scta-tiny"
     pushed = tmp_path / "hub" / "someone" / "scta-tiny"
     assert {"model.safetensors", "modeling_scta.py", "processing_scta.py", "README.md"} <= set(os.listdir(pushed))
@@ -411,25 +419,25 @@ def test_push_to_hub_uploads_a_folder_that_loads_in_a_fresh_process(tmp_path, sy
 def test_argument_errors_say_what_to_fix(tmp_path, synthetic_dir):
     base = tiny_run_config(synthetic_dir, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="exactly one model source"):
-        run_retrieval.main([write_config(tmp_path / "a.json", {**base, "model_name_or_path": str(tmp_path)})])
-    with pytest.raises(ValueError, match="--dataset_name 'coco' is unknown"):
+        run_main([write_config(tmp_path / "a.json", {**base, "model_name_or_path": str(tmp_path)})])
+    with pytest.raises(ValueError, match="--dataset_name 'coco' is not the built-in 'synthetic_shapes' set nor a local folder"):
         bad = {k: v for k, v in base.items() if k != "dataset_dir"}
-        run_retrieval.main([write_config(tmp_path / "b.json", {**bad, "dataset_name": "coco"})])
+        run_main([write_config(tmp_path / "b.json", {**bad, "dataset_name": "coco"})])
     not_scta = tmp_path / "bert"
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(not_scta)
     towerless = {k: v for k, v in base.items() if k not in ("vision_config", "text_config")}
     with pytest.raises(ValueError, match="is not an SCTA model .*model_type='bert'"):
-        run_retrieval.main([write_config(tmp_path / "c.json", {**towerless, "model_name_or_path": str(not_scta)})])
+        run_main([write_config(tmp_path / "c.json", {**towerless, "model_name_or_path": str(not_scta)})])
     with pytest.raises(ValueError, match="text_config.model_type='gpt2' is not a supported text tower"):
-        run_retrieval.main([write_config(tmp_path / "d.json", {**base, "text_config": {"model_type": "gpt2"}})])
+        run_main([write_config(tmp_path / "d.json", {**base, "text_config": {"model_type": "gpt2"}})])
     with pytest.raises(ValueError, match="patch_keep_ratio=1.5 is out of range"):
-        run_retrieval.main([write_config(tmp_path / "e.json", {**base, "patch_keep_ratio": 1.5})])
+        run_main([write_config(tmp_path / "e.json", {**base, "patch_keep_ratio": 1.5})])
     with pytest.raises(ValueError, match="--lr_scheduler_type cosine .* not used .*--warmup_steps.*--lr_decay_epochs"):
-        run_retrieval.main([write_config(tmp_path / "g.json", {**base, "lr_scheduler_type": "cosine"})])
+        run_main([write_config(tmp_path / "g.json", {**base, "lr_scheduler_type": "cosine"})])
     with pytest.raises(ValueError, match=r"--optim adafactor is not used .*AdamW.*\['adamw_torch', 'adamw_torch_fused'\]"):
-        run_retrieval.main([write_config(tmp_path / "h.json", {**base, "optim": "adafactor"})])
+        run_main([write_config(tmp_path / "h.json", {**base, "optim": "adafactor"})])
     with pytest.raises(ValueError, match="--dataset_dir .* does not exist"):
-        run_retrieval.main([write_config(tmp_path / "f.json", {**base, "dataset_dir": str(tmp_path / "nowhere")})])
+        run_main([write_config(tmp_path / "f.json", {**base, "dataset_dir": str(tmp_path / "nowhere")})])
 
 
 # ---------------------------------------------------------------------------------------------- two processes
@@ -472,7 +480,7 @@ def test_two_process_evaluation_equals_one_process(trained_run, tmp_path, synthe
     )
     _torchrun([os.path.join(REPO, "run_retrieval.py"), write_config(tmp_path / "eval2.json", config)], tmp_path)
     two = json.loads((tmp_path / "eval2" / "eval_results.json").read_text())
-    one = run_retrieval.main([write_config(tmp_path / "eval1.json", {**config, "output_dir": str(tmp_path / "eval1")})])
+    one = run_main([write_config(tmp_path / "eval1.json", {**config, "output_dir": str(tmp_path / "eval1")})])
     for name, value in two.items():
         if not name.endswith(("runtime", "per_second")):
             assert value == pytest.approx(one[name], abs=1e-6), name

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 
 from dataset_scripts.synthetic_shapes import (
+    CAPTION_REDUNDANCY,
     COLOURS,
+    FILLERS,
+    MODIFIERS,
+    PREFIXES,
+    SUFFIXES,
     POSITION_PHRASES,
     POSITIONS,
     SHAPES,
@@ -69,12 +74,15 @@ def test_counts_schema_and_ids(tmp_path):
     assert len(set(all_ids)) == len(all_ids) == 56
 
 
-def test_every_caption_states_every_objects_attributes():
+@pytest.mark.parametrize("redundancy", CAPTION_REDUNDANCY)
+def test_every_caption_states_every_objects_attributes(redundancy):
     rng = np.random.default_rng(0)
     for scene in sample_scenes(200, rng):
         assert 1 <= len(scene) <= 3
         assert len({shape_object.cell for shape_object in scene}) == len(scene)  # one object per cell
-        for caption in describe_scene(scene, rng):
+        captions = describe_scene(scene, rng, redundancy)
+        assert len(captions) == len(set(captions)) == 5
+        for caption in captions:
             for shape_object in scene:
                 assert shape_object.colour in caption and shape_object.shape in caption
                 assert any(word in caption.split() for word in SIZE_WORDS[shape_object.size])
@@ -127,3 +135,49 @@ def test_default_sizes_are_the_flickr30k_shape():
 def test_bad_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_synthetic_dataset(**{**SMALL, **kwargs})
+
+
+def test_caption_redundancy_changes_the_captions_only_and_is_deterministic():
+    levels = {level: generate_synthetic_dataset(seed=2, num_proc=1, caption_redundancy=level, **SMALL) for level in CAPTION_REDUNDANCY}
+    again = generate_synthetic_dataset(seed=2, num_proc=1, caption_redundancy="heavy", **SMALL)
+    assert fingerprint(again) == fingerprint(levels["heavy"])
+    assert len({fingerprint(dataset) for dataset in levels.values()}) == 3
+    for split in SMALL:
+        split = split.removesuffix("_images")
+        images = {level: dataset[split].cast_column("image", datasets.Image(decode=False))["image"] for level, dataset in levels.items()}
+        assert images["none"] == images["default"] == images["heavy"]  # the same PNG bytes at every level
+        for level in ("none", "heavy"):
+            assert levels[level][split]["image_id"] == levels["default"][split]["image_id"]
+
+
+def test_default_redundancy_is_the_published_set():
+    # The first and last caption of 50 seed-0 test scenes, as generated before the redundancy option existed.
+    rng = np.random.default_rng([0, 2])
+    captions = [describe_scene(scene, rng) for scene in sample_scenes(50, rng)]
+    assert captions[0][0] == "a simple drawing showing a green triangle that is big in the top right corner, which looks quite nice ."
+    assert captions[49][4] == (
+        "a simple drawing showing a big white cross in the top right corner and a green ring that is large at the "
+        "right side in a simple picture"
+    )
+
+
+def test_redundancy_levels_carry_less_and_more_filler():
+    scenes = sample_scenes(300, np.random.default_rng(5))
+    words = {}
+    for level in CAPTION_REDUNDANCY:
+        rng = np.random.default_rng(6)
+        captions = [caption for scene in scenes for caption in describe_scene(scene, rng, level)]
+        words[level] = np.mean([len(caption.split()) for caption in captions])
+        fillers = [phrase for phrase in PREFIXES + SUFFIXES + MODIFIERS + FILLERS if phrase.strip(" ,.")]
+        if level == "none":  # nothing but articles, attributes, positions and joiners
+            assert not any(phrase.strip(" ,") in caption for caption in captions for phrase in fillers)
+        if level == "heavy":
+            for caption in captions:
+                assert any(caption.startswith(prefix) for prefix in PREFIXES if prefix)
+                assert any(suffix.strip(" ,") in caption for suffix in SUFFIXES if suffix)
+    assert words["none"] + 5 < words["default"] < words["heavy"] - 5
+
+
+def test_unknown_redundancy_is_refused():
+    with pytest.raises(ValueError, match="caption_redundancy='some' is not one of none, default, heavy"):
+        generate_synthetic_dataset(caption_redundancy="some", **SMALL)

@@ -4,18 +4,16 @@ import torch
 from transformers import BertConfig, SwinConfig, ViTConfig
 
 from configuration_scta import SCTAConfig
+from scta_train.testing import TINY_TEXT, TINY_VISION
+
+
+# Every test and quick CPU benchmark builds its towers from scta_train.testing's shapes: the configs below,
+# conftest.TINY_TOWERS for run_retrieval.py configs, the CLIP towers of test_conformance, bench --quick runs.
 
 
 def tiny_vit_config(image_size: int = 32, patch_size: int = 8) -> ViTConfig:
     """ViT with [CLS] and (32 / 8)^2 = 16 patches."""
-    return ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=image_size,
-        patch_size=patch_size,
-    )
+    return ViTConfig(**{**TINY_VISION, "image_size": image_size, "patch_size": patch_size})
 
 
 def tiny_swin_config() -> SwinConfig:
@@ -24,14 +22,7 @@ def tiny_swin_config() -> SwinConfig:
 
 
 def tiny_bert_config(vocab_size: int = 99) -> BertConfig:
-    return BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    return BertConfig(vocab_size=vocab_size, **TINY_TEXT)
 
 
 def tiny_scta_config(vision: str = "vit", **head_settings) -> SCTAConfig:

@@ -1,0 +1,224 @@
+"""
+The steps of `run_retrieval.py`, in run_clip.py's order: logging, resuming, data, processor and model, Trainer,
+training, evaluation, model card and Hub. `run_retrieval.py` parses the arguments and calls `run`; tests call `run`
+too, so that they never import the script.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import datasets
+import torch.distributed as dist
+import transformers
+from accelerate import PartialState
+from transformers.trainer_utils import IntervalStrategy
+
+from configuration_scta import SHAPE_SETTINGS
+from processing_scta import CaptionAugmenter, ImageTrainTransform, RetrievalCollator, RetrievalTrainDataset
+from scta_train.arguments import SYNTHETIC_DATASET_NAME
+from scta_train.checks import check_launch, check_output_dir, check_splits
+from scta_train.coco_extended import coco_metrics_hook
+from scta_train.data import load_retrieval_dataset
+from scta_train.metrics import compute_retrieval_metrics
+from scta_train.models import build_model, build_processor, load_scta_config
+from scta_train.results import format_results
+from scta_train.trainer import SCTATrainer, is_complete_checkpoint, last_complete_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def run(model_args, data_args, training_args) -> dict[str, float]:
+    """Train and/or evaluate as the arguments say; returns the train, eval and test metrics."""
+    # 1. Logging: the training package at INFO on the main process; transformers and datasets at --log_level.
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logging.getLogger("scta_train").setLevel(logging.INFO if training_args.should_log else log_level)
+    if training_args.log_level != "passive":
+        transformers.utils.logging.set_verbosity(log_level)
+        datasets.utils.logging.set_verbosity(log_level)
+    logger.info(
+        "Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device
+    )
+    check_launch(training_args)
+    transformers.set_seed(training_args.seed)
+
+    # 2. Resuming: the newest complete checkpoint, never one cut off mid-write.
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() in ("true", "last"):
+        resume = last_complete_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete "
+                             f"checkpoint in {training_args.output_dir}.")
+    elif resume is not None and not is_complete_checkpoint(resume):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (no readable trainer_state.json "
+            "or model weights); pass --resume_from_checkpoint last to take the newest complete one."
+        )
+    if resume is not None:
+        logger.info("Resuming from %s", resume)
+
+    # 3. Data, processor, model.
+    check_output_dir(training_args, resume)
+    if not training_args.do_train:
+        # Evaluation strategy and checkpoint selection concern training only (the Trainer would ask for a dev split).
+        training_args.eval_strategy = training_args.save_strategy = IntervalStrategy.NO
+        training_args.load_best_model_at_end = False
+    global_batch = training_args.per_device_train_batch_size * training_args.world_size
+    if training_args.do_train and global_batch < 2:
+        raise ValueError(
+            f"The global training batch is {global_batch} pair (--per_device_train_batch_size "
+            f"{training_args.per_device_train_batch_size} x {training_args.world_size} processes): the hinge loss "
+            "compares a pair with the other pairs of its batch, so it would be 0 at every step. Use at least 2."
+        )
+    if model_args.model_name_or_path is not None:
+        changed = [name for name in SHAPE_SETTINGS if getattr(model_args, name) is not None]
+        saved = load_scta_config(model_args.model_name_or_path, model_args.model_revision)
+        changed = [name for name in changed if getattr(model_args, name) != getattr(saved, name)]
+        if changed:
+            raise ValueError(
+                "--" + ", --".join(f"{name} {getattr(model_args, name)}" for name in changed) + " would change the "
+                f"shape of weights of the trained model {model_args.model_name_or_path} (which has "
+                + ", ".join(f"{name}={getattr(saved, name)}" for name in changed) + "). Drop the override, or start "
+                "from pretrained towers (--vision_model_name_or_path / --text_model_name_or_path) to train another head."
+            )
+    dataset = load_retrieval_dataset(data_args, training_args)
+    processor = build_processor(model_args, dataset, data_args.train_split)
+    model = build_model(model_args, processor)
+    logger.info(
+        "SCTA model: %s + %s towers, %d patches, %.1fM parameters",
+        model.config.vision_config.model_type,
+        model.config.text_config.model_type,
+        model.config.num_patches,
+        model.num_parameters() / 1e6,
+    )
+    eval_split_name = data_args.test_split if data_args.select_on_test else data_args.eval_split
+    if data_args.select_on_test:
+        logger.warning("--select_on_test: checkpoints are selected on the TEST split, as the published code did.")
+    if not training_args.do_train and training_args.do_eval and training_args.do_predict and eval_split_name not in dataset:
+        # --do_eval is on by default (TrainingArguments sets it with the default eval_strategy); a test-only dataset
+        # evaluated with --do_predict has nothing else to do.
+        logger.info("The dataset has no %r split: evaluating the %r split only.", eval_split_name, data_args.test_split)
+        training_args.do_eval = False
+    check_splits(dataset, data_args, training_args, eval_split_name)
+
+    train_dataset = None
+    if training_args.do_train:
+        image_transform = ImageTrainTransform.from_image_processor(
+            processor.image_processor, horizontal_flip=data_args.horizontal_flip, scale=tuple(data_args.crop_scale)
+        )
+        caption_augmenter = CaptionAugmenter(
+            processor.tokenizer,
+            word_prob=data_args.caption_word_prob,
+            mask_prob=data_args.caption_mask_prob,
+            random_prob=data_args.caption_random_prob,
+            max_length=model.config.text_config.max_position_embeddings,
+        )
+        train_dataset = RetrievalTrainDataset(
+            dataset[data_args.train_split],
+            image_transform,
+            caption_augmenter,
+            seed=training_args.seed,
+            on_bad_image=data_args.on_bad_image,
+        )
+        logger.info(
+            "Training on %d images, %d (image, caption) pairs per epoch",
+            len(dataset[data_args.train_split]),
+            len(train_dataset),
+        )
+    eval_dataset = dataset[eval_split_name] if eval_split_name in dataset else None
+
+    eval_max_caption_tokens = min(data_args.max_eval_caption_tokens, model.config.text_config.max_position_embeddings)
+    if eval_max_caption_tokens < data_args.max_eval_caption_tokens:
+        logger.info(
+            "Evaluation captions keep at most %d tokens (the text tower's max_position_embeddings), not %d.",
+            eval_max_caption_tokens, data_args.max_eval_caption_tokens,
+        )
+    trainer = SCTATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=RetrievalCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        compute_metrics=lambda prediction: compute_retrieval_metrics(prediction, data_args.five_fold_test),
+        eval_max_caption_tokens=eval_max_caption_tokens,
+        extra_metrics={"test": coco_metrics_hook(data_args.eccv_pm_dir)} if data_args.coco_extended_metrics else None,
+    )
+
+    # 4. Train. Results carry the seed the model was trained with (for aggregating runs of several seeds).
+    seed = {"seed": training_args.seed} if training_args.do_train else training_seed(model_args.model_name_or_path)
+    results = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()  # the best checkpoint when load_best_model_at_end, with the processor
+        train_metrics = dict(
+            train_result.metrics,
+            nonfinite_loss_steps=trainer.nonfinite_loss_steps,
+            steps_without_negatives=trainer.steps_without_negatives,
+            **seed,
+        )
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        results.update(train_metrics)
+
+    # 5. Evaluate on the selection split and, once, on the test split.
+    splits = []
+    if training_args.do_eval:
+        splits.append(("eval", eval_dataset))
+    if training_args.do_predict and not (data_args.select_on_test and training_args.do_eval):
+        splits.append(("test", dataset[data_args.test_split]))
+    for prefix, split in splits:
+        metrics = {**trainer.evaluate(split, metric_key_prefix=prefix), **seed}
+        trainer.save_metrics(prefix, metrics)
+        logger.info("Retrieval on %s (%d images, %d captions):\n%s", prefix, len(split),
+                    sum(len(c) for c in split["captions"]), format_results(metrics, prefix))
+        results.update(metrics)
+
+    # 6. Model card (with the results above) and Hub.
+    if training_args.do_train:
+        trainer.create_model_card(
+            model_name=Path(training_args.output_dir).name,
+            tags=["scta", "image-text-retrieval"],
+            dataset_name=data_args.dataset_name or Path(data_args.dataset_dir or data_args.train_file or "data").name,
+            dataset_id=hub_dataset_id(data_args.dataset_name),
+            base_models=[name for name in (model_args.vision_model_name_or_path, model_args.text_model_name_or_path)
+                         if name and not Path(name).exists()],  # Hub ids only, not local folders
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="SCTA: end of training", tags=["scta", "image-text-retrieval"])
+    return results
+
+
+def hub_dataset_id(dataset_name: str | None) -> str | None:
+    """A Hub dataset id for the card's `datasets` metadata: not the synthetic set, not a local path."""
+    if dataset_name is None or dataset_name == SYNTHETIC_DATASET_NAME or Path(dataset_name).exists():
+        return None
+    return dataset_name
+
+
+def training_seed(model_name_or_path: str | None) -> dict:
+    """`{"seed": s}` of the run that trained a local model folder (its train_results.json), or `{}` when unknown."""
+    path = Path(model_name_or_path or "") / "train_results.json"
+    if model_name_or_path is None or not path.is_file():
+        return {}
+    seed = json.loads(path.read_text(encoding="utf-8")).get("seed")
+    return {} if seed is None else {"seed": seed}
+
+
+def leave_process_group() -> None:
+    """
+    Leave the process group together, at the end of a multi-process run. A process that exits while another still
+    holds a connection to it can make gloo abort the other ("Connection closed by peer", SIGABRT).
+    """
+    if dist.is_available() and dist.is_initialized():
+        state = PartialState()  # the Trainer's; its barrier names each process's device, as NCCL wants
+        state.wait_for_everyone()
+        state.destroy_process_group()
+

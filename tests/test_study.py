@@ -1,0 +1,171 @@
+"""The study features of run_retrieval.py: the global baseline end to end, results that carry their seed and their
+aggregation over seeds, mixed tower sources, the extended-metrics hook and its COCO-only refusal, bench/ablation.py."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+import transformers
+
+import scta_train.checks
+import scta_train.pipeline
+from conftest import REPO, TINY_TOWERS, run_main, tiny_run_config, write_config
+from modeling_scta import SCTAModel
+from processing_scta import train_wordpiece_tokenizer
+from scta_train import aggregate
+from scta_train.arguments import ModelArguments
+from scta_train.models import build_model, build_processor
+from scta_train.results import aggregate_runs, render_aggregate_table
+
+
+def run(tmp_path, config: dict, name: str = "run.json"):
+    return run_main([write_config(tmp_path / name, config)])
+
+
+def short(synthetic_dir, output_dir, **overrides):
+    settings = dict(max_steps=3, do_eval=False, eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    return tiny_run_config(synthetic_dir, str(output_dir), **{**settings, **overrides})
+
+
+def test_the_global_baseline_trains_and_evaluates_by_one_setting(tmp_path, synthetic_dir):
+    results = run(tmp_path, short(synthetic_dir, tmp_path / "global", scoring_head="global", max_steps=6))
+    saved = json.loads((tmp_path / "global" / "config.json").read_text())
+    assert saved["scoring_head"] == "global"
+    assert results["test_head_pairs"] == 16 * 80 and results["seed"] == 7
+    assert "scoring_head=global" in (tmp_path / "global" / "README.md").read_text()
+    # the key-token head's second stage makes no sense for it: refused, not silently skipped
+    evaluate = {"model_name_or_path": str(tmp_path / "global"), "dataset_dir": synthetic_dir, "do_train": False,
+                "do_predict": True, "rerank_top_k": 4, "output_dir": str(tmp_path / "again"), "use_cpu": True,
+                "report_to": "none", "disable_tqdm": True}  # fmt: skip
+    with pytest.raises(ValueError, match="scoring_head='global'.*--rerank_top_k 0"):
+        run(tmp_path, evaluate, "again.json")
+
+
+@pytest.fixture(scope="module")
+def seed_runs(tmp_path_factory, synthetic_dir):
+    root = tmp_path_factory.mktemp("seeds")
+    folders = []
+    for seed in (1, 2, 3):
+        folder = root / f"seed{seed}"
+        run_main([write_config(root / f"seed{seed}.json", short(synthetic_dir, folder, seed=seed))])
+        folders.append(folder)
+    return folders
+
+
+def test_results_carry_the_seed_and_aggregate_to_mean_and_deviation(seed_runs):
+    values = []
+    for seed, folder in zip((1, 2, 3), seed_runs):
+        results = json.loads((folder / "all_results.json").read_text())
+        assert results["seed"] == seed
+        assert json.loads((folder / "test_results.json").read_text())["seed"] == seed
+        values.append(results["test_r1_t2i"])
+    aggregated = aggregate_runs(seed_runs)
+    assert aggregated["r1_t2i"]["values"] == values and aggregated["r1_t2i"]["seeds"] == [1, 2, 3]
+    assert aggregated["r1_t2i"]["mean"] == pytest.approx(statistics.fmean(values))
+    assert aggregated["r1_t2i"]["std"] == pytest.approx(statistics.stdev(values))
+    table = render_aggregate_table({"tiny": aggregated})
+    mean, std = aggregated["rsum"]["mean"], aggregated["rsum"]["std"]
+    assert "| tiny |" in table and f"{mean:.1f} ± {std:.1f} | 3 |" in table
+
+
+def test_the_aggregate_command_prints_groups_and_refuses_repeated_seeds(seed_runs, tmp_path, capsys):
+    table = aggregate.main(["--group", "first two", *map(str, seed_runs[:2]), "--group", "all", *map(str, seed_runs),
+                            "--format", "text", "--json", str(tmp_path / "agg.json")])  # fmt: skip
+    lines = table.splitlines()
+    assert lines[0].startswith("runs") and "I2T R@1" in lines[0] and lines[1].startswith("first two")
+    assert json.loads((tmp_path / "agg.json").read_text())["all"]["rsum"]["n"] == 3
+    with pytest.raises(SystemExit):
+        aggregate.main([str(seed_runs[0]), str(seed_runs[0])])
+    assert "same seed [1] would count twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        aggregate.main([str(tmp_path)])
+    assert "not a finished run_retrieval.py output folder" in capsys.readouterr().err
+
+
+def test_one_tower_pretrained_and_the_other_from_scratch(tmp_path, synthetic_dir):
+    tokenizer = train_wordpiece_tokenizer(["a big red circle on the left", "a small blue square at the top"], 120)
+    text_folder = tmp_path / "bert"
+    bert_config = transformers.BertConfig(vocab_size=len(tokenizer), **{
+        k: v for k, v in TINY_TOWERS["text_config"].items() if k != "model_type"})  # fmt: skip
+    torch.manual_seed(3)
+    pretrained = transformers.BertModel(bert_config, add_pooling_layer=False)
+    pretrained.save_pretrained(text_folder)
+    tokenizer.save_pretrained(text_folder)
+    model_args = ModelArguments(vision_config=TINY_TOWERS["vision_config"], text_model_name_or_path=str(text_folder), embed_size=32)
+    dataset = datasets.load_from_disk(synthetic_dir)
+    processor = build_processor(model_args, dataset, "train")
+    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()  # the text tower's own tokenizer
+    model = build_model(model_args, processor)
+    for name, weight in pretrained.state_dict().items():
+        assert torch.equal(model.text_model.state_dict()[name], weight), name
+    assert model.config.vision_config.image_size == 32
+    # a tower built outside the model keeps its attention implementation, so the saved model scores the same
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = SCTAModel.from_pretrained(tmp_path / "saved").eval()
+    pixel_values, input_ids = torch.randn(2, 3, 32, 32), torch.randint(5, len(tokenizer), (3, 6))
+    with torch.no_grad():
+        expected = model.eval()(pixel_values=pixel_values, input_ids=input_ids).logits_per_image
+        torch.testing.assert_close(reloaded(pixel_values=pixel_values, input_ids=input_ids).logits_per_image, expected)
+    with pytest.raises(ValueError, match="the text tower has --text_model_name_or_path and --text_config"):
+        ModelArguments(vision_config=TINY_TOWERS["vision_config"], text_config=TINY_TOWERS["text_config"],
+                                     text_model_name_or_path=str(text_folder))  # fmt: skip
+    with pytest.raises(ValueError, match="the vision tower has neither"):
+        ModelArguments(text_model_name_or_path=str(text_folder))
+
+
+def test_extra_metrics_reach_the_results_and_the_card(tmp_path, synthetic_dir, monkeypatch):
+    calls = []
+
+    def fake_extended(pm_dir):
+        def compute(image_to_text, text_to_image, caption_to_image, split):
+            calls.append((tuple(image_to_text.shape), len(split)))
+            return {"eccv_r1_i2t": 12.5, "eccv_r1_t2i": 25.0}
+        return compute
+
+    monkeypatch.setattr(scta_train.pipeline, "coco_metrics_hook", fake_extended)
+    monkeypatch.setattr(scta_train.checks, "coco_5k_caption_ids", lambda *args: None)  # accept the synthetic test split
+    monkeypatch.setattr(scta_train.checks, "load_eccv_metrics", lambda *args: None)
+    results = run(tmp_path, short(synthetic_dir, tmp_path / "out", coco_extended_metrics=True))
+    assert calls == [((16, 80), 16)]  # the test split only
+    assert results["test_eccv_r1_i2t"] == 12.5
+    assert json.loads((tmp_path / "out" / "test_results.json").read_text())["test_eccv_r1_t2i"] == 25.0
+    assert "| ECCV Caption R@1 | 12.5 | 25.0 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_extended_coco_metrics_on_another_split_fail_before_training(tmp_path, synthetic_dir):
+    pytest.importorskip("eccv_caption")
+    with pytest.raises(ValueError, match="the test split has 80 captions of 16 images; the COCO 5K test has 25000"):
+        run(tmp_path, short(synthetic_dir, tmp_path / "out", coco_extended_metrics=True))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
+    pytest.importorskip("matplotlib")
+    tiny = {**TINY_TOWERS, "embed_size": 32, "vocab_size": 400, "max_steps": 4, "warmup_steps": 1,
+            "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "synthetic_train_images": 48,
+            "synthetic_dev_images": 8, "synthetic_test_images": 8, "synthetic_image_size": 32,
+            "cache_dir": str(tmp_path / "cache"), "use_cpu": True, "dataloader_num_workers": 0}  # fmt: skip
+    command = [sys.executable, "bench/ablation.py", "--runs_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report"),
+               "--methods", "global", "laps", "--levels", "default", "--seeds", "0", "1", "--jobs", "2"]  # fmt: skip
+    for key, value in tiny.items():
+        command += ["--override", key, json.dumps(value)]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "ablation.json").read_text())
+    chosen = report["protocol"]["chosen"]
+    assert set(chosen) == {"global", "laps"}
+    runs = sorted(p.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").glob("*/*/*") if p.is_dir())
+    expected = [f"default/{m}/lr{lr:g}-seed0" for m in ("global", "laps") for lr in (0.001, 0.002)]
+    expected += [f"default/{m}/lr{chosen[m]:g}-seed1" for m in ("global", "laps")]
+    assert runs == sorted(expected)  # each method: both learning rates at seed 0, then seed 1 at the chosen one
+    group = report["groups"]["default / global dual encoder"]
+    assert group["rsum"]["n"] == 2 and group["rsum"]["seeds"] == [0, 1]
+    assert (tmp_path / "report" / "ablation_recall.png").stat().st_size > 10_000
+    assert "± " in (tmp_path / "report" / "ablation.md").read_text()
+    # resumable: a second call trains nothing
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and " start " not in second.stderr
