@@ -3,8 +3,8 @@ A web demo of scta-search in the HF ecosystem's convention (a Gradio app, as a S
 top-k images of an index with their SCTA scores, and why a selected result matched.
 
     pip install -e ".[app]"
-    scta-search index --model outputs/demo_synthetic --images data/shapes-photos/test --index data/shapes.scta
-    python app.py --index data/shapes.scta          # then open http://127.0.0.1:7860
+    scta-search index --model outputs/demo_synthetic --images outputs/shapes-photos/test --index outputs/shapes.scta
+    python app.py --index outputs/shapes.scta          # then open http://127.0.0.1:7860
 """
 
 import argparse

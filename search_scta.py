@@ -39,11 +39,14 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from configuration_scta import HEAD_SETTINGS
 from modeling_scta import SCTAModel
 from processing_scta import SCTAProcessor, convert_to_rgb, decode_image
+
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,25 @@ def encode_images(model: SCTAModel, processor: SCTAProcessor, paths: list[str], 
     )
 
 
+def encode_data_parallel(model, processor, paths: list[str], batch_size: int = 32, device=None):
+    """`encode_images`, split across the processes of `accelerate launch` / `torchrun` (each encodes a contiguous
+    slice of the files, on its own device); every process gets the whole result, in file order. One process:
+    `encode_images`."""
+    state = PartialState()
+    if state.num_processes == 1:
+        return encode_images(model, processor, paths, batch_size, device)
+    slices = [paths[len(paths) * r // state.num_processes : len(paths) * (r + 1) // state.num_processes]
+              for r in range(state.num_processes)]  # fmt: skip
+    part = encode_images(model, processor, slices[state.process_index], batch_size, device or state.device,
+                         show_progress=state.is_local_main_process)  # fmt: skip
+    parts = gather_object([part])  # one per process, in rank order
+    kept = [path for p in parts for path in p[0]]
+    tokens = np.concatenate([p[1] for p in parts])
+    global_embeddings = np.concatenate([p[2] for p in parts])
+    skipped = {path: why for p in parts for path, why in p[3].items()}
+    return kept, tokens, global_embeddings, skipped
+
+
 def _features(num_tokens: int, width: int) -> datasets.Features:
     return datasets.Features(
         {
@@ -161,17 +183,21 @@ class Gallery:
         self.index_dir = index_dir
         self._global = None  # normalised global embeddings, (n, C), loaded on first search
         self._faiss = False
+        self.faiss_factory = None  # a FAISS index-factory string ("HNSW32", "IVF1024,Flat"): approximate search
 
     # -- building, loading, saving ---------------------------------------------------------------------------
 
     @classmethod
     def build(cls, model: SCTAModel, processor: SCTAProcessor, images, index_dir: str | None = None,
-              model_name_or_path: str | None = None, batch_size: int = 32, device=None) -> "Gallery":  # fmt: skip
-        """Encode every image of a folder (or list of paths) and, with `index_dir`, save the index there."""
+              model_name_or_path: str | None = None, revision: str | None = None, batch_size: int = 32,
+              device=None) -> "Gallery":  # fmt: skip
+        """Encode every image of a folder (or list of paths) and, with `index_dir`, save the index there.
+        `model_name_or_path` / `revision` are recorded so that `load` can find the model again."""
         paths = list_images(images)
         manifest = {
             "format": INDEX_FORMAT,
             "model": model_name_or_path or getattr(model, "name_or_path", None),
+            "revision": revision,
             "model_fingerprint": model_fingerprint(model),
             "image_processor": processor.image_processor.to_dict(),
             "skipped": {},
@@ -195,8 +221,9 @@ class Gallery:
         if model is None:
             if not manifest.get("model"):
                 raise ValueError(f"{folder}'s manifest names no model: pass model= and processor=.")
-            model = SCTAModel.from_pretrained(manifest["model"])
-            processor = processor or SCTAProcessor.from_pretrained(manifest["model"])
+            revision = {"revision": manifest["revision"]} if manifest.get("revision") else {}
+            model = SCTAModel.from_pretrained(manifest["model"], **revision)
+            processor = processor or SCTAProcessor.from_pretrained(manifest["model"], **revision)
         if processor is None:
             raise ValueError("Gallery.load with model= needs processor= too.")
         check_same_model(manifest, model, folder)
@@ -205,7 +232,17 @@ class Gallery:
 
     def save(self, index_dir: str) -> None:
         """Write the index to a temporary folder beside `index_dir`, then swap it in: a kill never leaves a
-        half-written index in place of a good one."""
+        half-written index in place of a good one. Under several processes the main one writes, the others wait."""
+        state = PartialState()
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            self.index_dir = str(Path(index_dir).resolve())
+            return
+        self._write(index_dir)
+        if state.num_processes > 1:
+            state.wait_for_everyone()
+
+    def _write(self, index_dir: str) -> None:
         target = Path(index_dir).resolve()
         if target.exists() and not (target / MANIFEST).is_file():
             raise ValueError(f"{target} exists and is not an SCTA image index: refusing to replace it.")
@@ -258,7 +295,7 @@ class Gallery:
     def _add(self, paths: list[str], batch_size: int, device) -> None:
         if not paths:
             return
-        kept, tokens, global_embeddings, skipped = encode_images(self.model, self.processor, paths, batch_size, device)
+        kept, tokens, global_embeddings, skipped = encode_data_parallel(self.model, self.processor, paths, batch_size, device)
         if skipped:
             logger.warning("Skipped %d of %d images that cannot be decoded, e.g. %s: %s", len(skipped), len(paths),
                            next(iter(skipped)), next(iter(skipped.values())))  # fmt: skip
@@ -338,7 +375,8 @@ class Gallery:
                 lambda batch: {"unit": list(F.normalize(torch.as_tensor(np.asarray(batch["global_embedding"])), dim=-1).numpy())},
                 batched=True, desc="Normalising global embeddings", keep_in_memory=True,
             )  # fmt: skip
-            normalised.add_faiss_index("unit", metric_type=faiss.METRIC_INNER_PRODUCT)
+            factory = {"string_factory": self.faiss_factory} if self.faiss_factory else {}  # default: exact (flat)
+            normalised.add_faiss_index("unit", metric_type=faiss.METRIC_INNER_PRODUCT, **factory)
             self._faiss_table, self._faiss = normalised, True
         _, examples = self._faiss_table.search("unit", query_global.numpy().astype(np.float32), k=k)
         return [int(i) for i in examples]
@@ -530,18 +568,26 @@ def check_same_model(manifest: dict, model: SCTAModel, where) -> None:
 
 
 def _index(args) -> None:
-    model = SCTAModel.from_pretrained(args.model)
-    processor = SCTAProcessor.from_pretrained(args.model)
+    # under accelerate launch / torchrun each process encodes a slice of the files; the main one writes and prints
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    revision = {"revision": args.revision} if args.revision else {}
+    model = SCTAModel.from_pretrained(args.model, **revision)
+    processor = SCTAProcessor.from_pretrained(args.model, **revision)
     if (Path(args.index) / MANIFEST).is_file():
         gallery = Gallery.load(args.index, model, processor)  # refuses another model's index
         counts = gallery.update(args.images, batch_size=args.batch_size, device=args.device)
-        print(f"Updated {args.index}: {counts['new']} new, {counts['changed']} changed, {counts['removed']} removed, "
-              f"{counts['unchanged']} unchanged; {len(gallery)} images.")  # fmt: skip
+        if state.is_main_process:
+            print(f"Updated {args.index}: {counts['new']} new, {counts['changed']} changed, {counts['removed']} removed, "
+                  f"{counts['unchanged']} unchanged; {len(gallery)} images.")  # fmt: skip
     else:
-        gallery = Gallery.build(model, processor, args.images, args.index, model_name_or_path=args.model,
+        model_id = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model  # findable from anywhere
+        gallery = Gallery.build(model, processor, args.images, args.index, model_name_or_path=model_id, revision=args.revision,
                                 batch_size=args.batch_size, device=args.device)  # fmt: skip
-        print(f"Indexed {len(gallery)} images into {args.index}.")
+        if state.is_main_process:
+            print(f"Indexed {len(gallery)} images into {args.index}.")
     skipped = gallery.manifest.get("skipped", {})
+    if not state.is_main_process:
+        return
     if skipped:
         print(f"Skipped {len(skipped)} file(s) that cannot be decoded:")
         for path, why in list(skipped.items())[:20]:
@@ -561,6 +607,7 @@ def _explain(args) -> None:
 
 def _query(args) -> None:
     gallery = Gallery.load(args.index)
+    gallery.faiss_factory = args.faiss_factory
     if args.image is not None:
         if args.captions is None:
             raise ValueError("--image needs --captions FILE (one caption per line).")
@@ -589,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="index a folder of images (again: only new or changed files)")
     index.add_argument("--model", required=True, help="a trained SCTA model folder or Hub id")
+    index.add_argument("--revision", default=None, help="the model's Hub revision (branch, tag or commit) to pin")
     index.add_argument("--images", required=True, help="the folder of images (searched recursively)")
     index.add_argument("--index", required=True, help="the index folder to write or update")
     index.add_argument("--batch_size", type=int, default=32)
@@ -602,6 +650,9 @@ def main(argv: list[str] | None = None) -> None:
     query.add_argument("--captions", help="a text file, one caption per line (with --image)")
     query.add_argument("--json", action="store_true", help="machine-readable output")
     query.add_argument("--grid", help="also draw the query and its top-k thumbnails with scores into this PNG")
+    query.add_argument("--faiss_factory", default=None,
+                       help="with faiss-cpu: a FAISS index-factory string for approximate first stages on big "
+                       "galleries, e.g. HNSW32 (default: exact)")  # fmt: skip
     explain_parser = commands.add_parser("explain", help="draw why one (image, caption) pair scored what it did")
     explain_parser.add_argument("image")
     explain_parser.add_argument("caption")

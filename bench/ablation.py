@@ -188,10 +188,13 @@ def report(runs_dir: Path, methods: list[str], levels: list[str], seeds: list[in
     (output / "ablation.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     table = render_aggregate_table(groups, prefix="test", markdown=True)
     time_lines = ["| run | training (s) | test evaluation (s) | seeds |", "|---|---|---|---|"]
+    def spread(value: dict, digits: int) -> str:
+        return f"{value['mean']:.{digits}f}" + (f" ± {value['std']:.{digits}f}" if value["std"] is not None else "")
+
     for key, values in runtimes.items():
         time_lines.append(
-            f"| {key} | {values['train_runtime']['mean']:.0f} ± {values['train_runtime']['std']:.0f} | "
-            f"{values['test_runtime']['mean']:.1f} ± {values['test_runtime']['std']:.1f} | {values['train_runtime']['n']} |"
+            f"| {key} | {spread(values['train_runtime'], 0)} | {spread(values['test_runtime'], 1)} | "
+            f"{values['train_runtime']['n']} |"
         )
     (output / "ablation.md").write_text(table + "\n\n" + "\n".join(time_lines) + "\n", encoding="utf-8")
     print(table)
@@ -217,7 +220,7 @@ def plot(groups: dict, levels: list[str], methods: list[str], path: Path) -> Non
                 continue
             x = [index + (offset - (len(methods) - 1) / 2) * 0.06 for index, _ in points]  # dodge the error bars
             axis.errorbar(
-                x, [p["mean"] for _, p in points], yerr=[p["std"] for _, p in points], marker="o", capsize=4,
+                x, [p["mean"] for _, p in points], yerr=[p["std"] or 0.0 for _, p in points], marker="o", capsize=4,
                 label=LABELS[method],
             )
         axis.set_xticks(range(len(levels)), [f"{level}" for level in levels])

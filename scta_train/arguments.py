@@ -19,6 +19,7 @@ from configuration_scta import HEAD_SETTINGS, SCTAConfig, config_field_doc
 from dataset_scripts.synthetic_shapes import CAPTION_REDUNDANCY
 from processing_scta import EVAL_MAX_CAPTION_TOKENS
 
+
 logger = logging.getLogger(__name__)
 
 

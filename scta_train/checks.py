@@ -10,6 +10,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from scta_train.coco_extended import coco_5k_caption_ids, load_eccv_metrics
 from scta_train.data import caption_rows
 
+
 logger = logging.getLogger(__name__)
 
 

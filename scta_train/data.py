@@ -15,7 +15,8 @@ import shutil
 import datasets
 from transformers import TrainingArguments
 
-from scta_train.arguments import DataArguments, SYNTHETIC_DATASET_NAME
+from scta_train.arguments import SYNTHETIC_DATASET_NAME, DataArguments
+
 
 logger = logging.getLogger(__name__)
 

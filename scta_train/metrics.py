@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -6,6 +6,7 @@ from huggingface_hub import EvalResult, ModelCard
 from configuration_scta import HEAD_SETTINGS, SCTAConfig
 from scta_train.results import render_run_results
 
+
 TAGS = ["scta", "image-text-retrieval", "cross-modal-retrieval"]
 # model-index entries: metric key suffix -> (metric type, human name)
 RECALL_ENTRIES = {

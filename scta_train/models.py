@@ -10,6 +10,7 @@ from modeling_scta import SCTAModel, load_pretrained_tower, tower_from_config
 from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
 from scta_train.arguments import ModelArguments
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -26,6 +26,7 @@ from scta_train.models import build_model, build_processor, load_scta_config
 from scta_train.results import format_results
 from scta_train.trainer import SCTATrainer, is_complete_checkpoint, last_complete_checkpoint
 
+
 logger = logging.getLogger(__name__)
 
 

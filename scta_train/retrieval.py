@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from modeling_scta import CaptionKeyTokens, SCTAModel
 from processing_scta import RetrievalCollator
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -22,6 +22,7 @@ from scta_train.metrics import compute_retrieval_metrics, retrieval_eval_loss
 from scta_train.model_card import write_model_card
 from scta_train.retrieval import encode_caption_corpus, encode_image_corpus, two_stage_rank
 
+
 logger = logging.getLogger(__name__)
 
 

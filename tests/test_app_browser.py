@@ -14,9 +14,10 @@ import time
 import urllib.request
 
 import pytest
+from test_search import save_model, write_photos
 
 from search_scta import Gallery
-from test_search import save_model, write_photos
+
 
 pytestmark = pytest.mark.browser
 

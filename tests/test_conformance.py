@@ -16,9 +16,10 @@ from configuration_scta import TEXT_TOWERS, VISION_TOWERS, SCTAConfig, num_kept_
 from conftest import run_main, tiny_run_config, write_config
 from modeling_scta import KeyTokenAlignmentHead, SCTALoss, SCTAModel, scta_with_global_loss
 from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
-from test_modeling import SCTAModelTester
 from scta_train.testing import TINY_TEXT, TINY_VISION
+from test_modeling import SCTAModelTester
 from tiny_models import random_text_batch, tiny_bert_config, tiny_vit_config
+
 
 CAPTIONS = ["a big red circle at the top", "a small blue square on the left ."]
 

@@ -11,6 +11,7 @@ from conftest import TINY_TOWERS, run_main, write_config
 from scta_train.arguments import DataArguments, SCTATrainingArguments
 from scta_train.data import load_retrieval_dataset
 
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 
 

@@ -18,6 +18,7 @@ from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
 from search_scta import Gallery
 from tiny_models import tiny_bert_config, tiny_vit_config
 
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "magenta"]
 CAPTIONS = [f"a {colour} square on a plain background" for colour in COLOURS]
 
@@ -221,3 +222,35 @@ def test_the_explanation_draws_the_heads_own_kept_patches(setup):
             assert torch.equal(panel, original), index
         else:
             torch.testing.assert_close(panel, (original * 0.3).floor(), atol=1.0, rtol=0)
+
+
+def test_indexing_under_two_processes_equals_one_process(setup):
+    tmp_path, model, processor = setup
+    write_photos(tmp_path / "photos", 11)  # an odd count: the processes' slices differ in size
+    (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG broken")
+    single = Gallery.build(model, processor, tmp_path / "photos")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "search_scta", "index", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "photos"),
+               "--index", str(tmp_path / "index"), "--batch_size", "4"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Indexed 11 images") == 1  # printed by the main process only
+    both = Gallery.load(tmp_path / "index", model, processor)
+    assert both.paths == single.paths and list(both.manifest["skipped"]) == list(single.manifest["skipped"])
+    assert torch.equal(both._tokens(range(11)), single._tokens(range(11)))
+
+
+def test_an_approximate_faiss_index_from_a_factory_string(setup):
+    pytest.importorskip("faiss", reason="needs faiss-cpu")
+    tmp_path, model, processor = setup
+    gallery = Gallery.build(model, processor, tmp_path / "photos")
+    exact = gallery.search_text("a green square", k=3, rerank_top_k=10)
+    gallery.faiss_factory = "HNSW32"
+    approximate = gallery.search_text("a green square", k=3, rerank_top_k=10)  # 10 of 10 images: the same
+    assert [r.path for r in approximate] == [r.path for r in exact]
