@@ -155,3 +155,19 @@ def test_full_size_evaluation_benchmark_runs_at_tiny_shapes(tmp_path, one_thread
     assert [(row["k"], row["middle_n"]) for row in size["two_stage"]] == [(4, 0), (4, 8)]
     assert all(0 < row["head_pairs"] <= 20 * 100 and row["scoring_s"] > 0 for row in size["two_stage"])
     assert all(row["pairs_per_s"] > 0 for row in results["sweep"])
+
+
+def test_search_benchmark_runs_at_tiny_shapes(tmp_path, one_thread):
+    import bench_search
+    from test_search import save_model
+
+    save_model(tmp_path / "model")
+    path = tmp_path / "search.json"
+    bench_search.main(["--model", str(tmp_path / "model"), "--images", "12", "--gallery-sizes", "12", "30",
+                       "--exhaustive-max", "12", "--queries", "2", "--skip-paper-shapes", "--json", str(path)])  # fmt: skip
+    results = json.loads(path.read_text())
+    assert results["files"]["images"] == 12 and results["files"]["bytes_per_image"] > 17 * 24 * 2
+    assert 0 < results["files"]["reindex_fraction_of_first"]
+    sizes = [row["gallery"] for row in results["latency"]]
+    assert sizes == [12, 30] and "exhaustive_seconds" in results["latency"][0]
+    assert results["latency"][1]["exhaustive_seconds_projected"] > 0
