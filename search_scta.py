@@ -79,7 +79,13 @@ def list_images(folder_or_paths) -> list[str]:
         folder = Path(folder_or_paths)
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder of images.")
-        paths = sorted(str(p.resolve()) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        root = folder.resolve()  # once: the walk below then yields absolute paths without a syscall per file
+        paths = sorted(
+            os.path.join(directory, name)
+            for directory, _, names in os.walk(root)
+            for name in names
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+        )
         if not paths:
             raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
         return paths
@@ -268,8 +274,9 @@ class Gallery:
         the rest. Saves when the gallery has an `index_dir`. Returns the counts."""
         paths = list_images(images)
         stamps = {path: file_stamp(path) for path in paths}
-        indexed = {path: (size, mtime) for path, size, mtime in zip(self.table["path"], self.table["size"], self.table["mtime"])}
-        keep = [i for i, path in enumerate(self.table["path"]) if path in stamps and stamps[path] == indexed[path]]
+        columns = self.table.select_columns(["path", "size", "mtime"]).to_dict()  # one read, not row by row
+        indexed = {path: (size, mtime) for path, size, mtime in zip(columns["path"], columns["size"], columns["mtime"])}
+        keep = [i for i, path in enumerate(columns["path"]) if path in stamps and stamps[path] == indexed[path]]
         todo = [path for path in paths if indexed.get(path) != stamps[path]]
         counts = {
             "unchanged": len(keep),
@@ -316,7 +323,7 @@ class Gallery:
 
     @property
     def paths(self) -> list[str]:
-        return self.table["path"]
+        return self.table.select_columns(["path"]).to_dict()["path"]
 
     def _global_matrix(self) -> torch.Tensor:
         if self._global is None:
