@@ -347,13 +347,21 @@ class KeyTokenAlignmentHead(nn.Module):
 
         slot_counts = self.word_slot_counts(lengths)  # (B_txt,)
         max_slots = int(slot_counts.max())
-        global_token, words, word_mask = self.split_caption_tokens(text_tokens, token_mask, lengths)
-        logits = self.word_aggregator(words)[..., :max_slots]  # (B_txt, L', max_slots)
-        logits = logits.masked_fill(~word_mask[..., None], torch.finfo(logits.dtype).min)
-        slots = torch.einsum("bls,blc->bsc", logits.softmax(dim=1), words)  # (B_txt, max_slots, C)
+        global_token, words, weights = self.word_slot_weights(text_tokens, token_mask, lengths, max_slots)
+        slots = torch.einsum("bls,blc->bsc", weights, words)  # (B_txt, max_slots, C)
         key_tokens = F.normalize(torch.cat([global_token[:, None], slots], dim=1), dim=-1)  # (B_txt, 1 + max_slots, C)
         key_mask = torch.arange(1 + max_slots, device=lengths.device) < (1 + slot_counts)[:, None]
         return TextKeyTokens(key_tokens, key_mask, query)
+
+    def word_slot_weights(
+        self, text_tokens: torch.Tensor, token_mask: torch.Tensor, lengths: torch.Tensor, num_slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(global token `(B, C)`, word tokens `(B, L', C)`, the weight of every word in each of the first
+        `num_slots` word slots `(B, L', num_slots)`, softmax over the caption's real words)."""
+        global_token, words, word_mask = self.split_caption_tokens(text_tokens, token_mask, lengths)
+        logits = self.word_aggregator(words)[..., :num_slots]  # (B, L', num_slots)
+        logits = logits.masked_fill(~word_mask[..., None], torch.finfo(logits.dtype).min)
+        return global_token, words, logits.softmax(dim=1)
 
     def split_caption_tokens(
         self, text_tokens: torch.Tensor, token_mask: torch.Tensor, lengths: torch.Tensor
@@ -576,6 +584,11 @@ class KeyTokenAlignmentHead(nn.Module):
 
     # -- caption-independent variant (a cheap middle retrieval stage) -----------------------------------------
 
+    def kept_slot_weights(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`(I, N, M)` weight of every patch in each learned patch slot, softmax over the kept patches (`keep`
+        `(I, N)` bool; dropped patches weigh 0): step 3 for one fixed selection."""
+        return self.patch_aggregator(patches).masked_fill(~keep[..., None], -math.inf).softmax(dim=1)
+
     def independent_image_keys(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """
         Image key tokens `V = norm([c_v; A_v; f])`, `(I, M + 1 [+ 1], C)`, with the patch selection driven by
@@ -588,8 +601,7 @@ class KeyTokenAlignmentHead(nn.Module):
             self_scores = torch.einsum("inc,ic->in", F.normalize(patches, dim=-1), F.normalize(patches.mean(1), dim=-1))
             kept_index = self_scores.topk(self.num_kept_patches, dim=-1).indices  # (I, K)
             keep = torch.zeros_like(self_scores).scatter_(-1, kept_index, 1.0).bool()  # (I, N)
-        logits = self.patch_aggregator(patches).masked_fill(~keep[..., None], -math.inf)  # (I, N, M)
-        slots = torch.einsum("inm,inc->imc", logits.softmax(dim=1), patches)  # (I, M, C)
+        slots = torch.einsum("inm,inc->imc", self.kept_slot_weights(patches, keep), patches)  # (I, M, C)
         fused = torch.einsum("in,inc->ic", self_scores.masked_fill(keep, -math.inf).softmax(-1), patches)  # (I, C)
         keys = [slots, fused[:, None]]
         if cls is not None:

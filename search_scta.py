@@ -417,10 +417,11 @@ def draw_grid(query: str, results: list[SearchResult], path, thumbnail: int = 16
         x, y = margin + column * (thumbnail + margin), 40 + row * (thumbnail + label + margin)
         try:
             image = load_image(result.path)
-            image.thumbnail((thumbnail, thumbnail), PIL.Image.NEAREST if max(image.size) < thumbnail else PIL.Image.BICUBIC)
             if max(image.size) < thumbnail:  # small images (the synthetic set's 64 px) scaled up, pixels kept sharp
                 scale = thumbnail / max(image.size)
                 image = image.resize((round(image.width * scale), round(image.height * scale)), PIL.Image.NEAREST)
+            else:
+                image.thumbnail((thumbnail, thumbnail), PIL.Image.BICUBIC)
             canvas.paste(image, (x, y))
         except (OSError, ValueError):
             draw.rectangle([x, y, x + thumbnail, y + thumbnail], outline="red")
@@ -462,19 +463,17 @@ def explain(model: SCTAModel, processor: SCTAProcessor, image, caption: str) -> 
     device = next(model.parameters()).device
     inputs = processor(images=[image], text=[caption], return_tensors="pt").to(device)
     head = model.head
-    image_tokens = model.get_image_features(inputs["pixel_values"]).last_hidden_state.float()
-    text_tokens = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state.float()
+    image_tokens = model.get_image_features(inputs["pixel_values"]).last_hidden_state
+    text_tokens = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
     mask = inputs["attention_mask"]
-    head = head.float()
     caption_keys = head.text_key_tokens(text_tokens, mask)
     state = head.image_key_state(image_tokens)
     selection = head.selection_scores(state, caption_keys)[0, 0]  # (N,), exactly what block_scores ranks
     kept = selection.topk(head.num_kept_patches).indices.sort().values
     _, patches = head.split_image_tokens(image_tokens)
-    logits = head.patch_aggregator(patches)[0]  # (N, M)
-    keep = torch.zeros(head.num_patches, dtype=torch.bool, device=device)
-    keep[kept] = True
-    slot_maps = logits.masked_fill(~keep[:, None], -float("inf")).softmax(dim=0).t()  # (M, N)
+    keep = torch.zeros(1, head.num_patches, dtype=torch.bool, device=device)
+    keep[0, kept] = True
+    slot_maps = head.kept_slot_weights(patches, keep)[0].t()  # (M, N)
     slots = F.normalize(slot_maps @ patches[0], dim=-1)  # (M, C)
     key_tokens = caption_keys.tokens[0][caption_keys.mask[0]]  # (J, C)
     similarities = slots @ key_tokens.t()  # (M, J)
@@ -487,7 +486,7 @@ def explain(model: SCTAModel, processor: SCTAProcessor, image, caption: str) -> 
         image=image.resize((side, side), PIL.Image.BICUBIC),
         grid=int(round(head.num_patches ** 0.5)),
         kept=kept.tolist(),
-        slot_maps=slot_maps.cpu().numpy(),
+        slot_maps=slot_maps.float().cpu().numpy(),
         slot_matches=slot_matches,
         word_slots=word_slots,
         score=score,
@@ -498,16 +497,14 @@ def _word_slots(head, processor, input_ids, text_tokens, mask) -> list[list[tupl
     """The caption's key tokens as words: the global token, then each word slot's top words (LAPS: each token)."""
     length = int(mask[0].sum())
     tokens = processor.tokenizer.convert_ids_to_tokens(input_ids[:length].tolist())
+    if head.word_aggregator is None:
+        return [[(token, 1.0)] for token in tokens]
     lengths = mask.sum(1)
-    global_token, words, word_mask = head.split_caption_tokens(text_tokens, mask.bool(), lengths)
     first = head.text_global_token == "first"
     global_word = tokens[0] if first else tokens[length - 1]
     word_tokens = tokens[1:] if first else tokens[: length - 1]
-    if head.word_aggregator is None:
-        return [[(token, 1.0)] for token in tokens]
     count = int(head.word_slot_counts(lengths)[0])
-    logits = head.word_aggregator(words)[0, :, :count]  # (L', k)
-    weights = logits.masked_fill(~word_mask[0][:, None], -float("inf")).softmax(dim=0)  # (L', k)
+    weights = head.word_slot_weights(text_tokens, mask.bool(), lengths, count)[2][0]  # (L', k)
     slots = [[(global_word, 1.0)]]
     for slot in range(count):
         top = weights[: len(word_tokens), slot].topk(min(3, len(word_tokens)))
