@@ -1,9 +1,8 @@
 """SCTA model configuration."""
 
+import dataclasses
 import math
 import re
-
-import dataclasses
 from collections.abc import Callable
 
 from huggingface_hub.dataclasses import strict
@@ -25,7 +24,7 @@ def _merged_patch_grid(vision_config) -> int:
 class VisionTower:
     """What the head must know of an image tower's last hidden state: whether it starts with a [CLS] token, and how
     many patch tokens follow, from the tower's config. (The published code guessed both from whether the token
-    count is a perfect square; METHOD.md, "Oddities".)"""
+    count is a perfect square; docs/METHOD.md, "Oddities".)"""
 
     has_cls_token: bool
     num_patches: Callable
@@ -59,8 +58,10 @@ TEXT_TOWERS = {
     "clip_text_model": TextTower(global_token="last"),
 }
 # Checkpoints that hold both towers: the tower of each side, by the checkpoint's model_type.
-COMPOSITE_CHECKPOINTS = {"clip": {"vision": "clip_vision_model", "text": "clip_text_model"},
-                         "siglip": {"vision": "siglip_vision_model"}}
+COMPOSITE_CHECKPOINTS = {
+    "clip": {"vision": "clip_vision_model", "text": "clip_text_model"},
+    "siglip": {"vision": "siglip_vision_model"},
+}
 
 
 def num_kept_patches(num_patches: int, patch_keep_ratio: float) -> int:
@@ -71,6 +72,7 @@ def num_kept_patches(num_patches: int, patch_keep_ratio: float) -> int:
 def num_patch_slots(num_patches: int, patch_keep_ratio: float, patch_aggr_ratio: float) -> int:
     """`M = int(N * patch_keep_ratio * patch_aggr_ratio)` (196 * 0.5 * 0.3 -> 29): the learned patch slots."""
     return int(num_patches * patch_keep_ratio * patch_aggr_ratio)
+
 
 # How the global (one-vector) embeddings are pooled from the projected tokens.
 GLOBAL_POOLINGS = ("mean", "cls")
@@ -114,7 +116,7 @@ class SCTAConfig(PreTrainedConfig):
             How the one-vector global embeddings of the first retrieval stage are pooled from the projected
             tokens: `"mean"` (image: the mean of the patch tokens; caption: the mean of its real tokens, the two
             vectors the head's patch selection already uses) or `"cls"` (the projected [CLS] of both towers; an
-            image tower without [CLS] then uses the patch mean). Not part of the paper: see RETRIEVAL.md.
+            image tower without [CLS] then uses the patch mean). Not part of the paper: see docs/RETRIEVAL.md.
         global_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of an auxiliary hinge loss on the cosine matrix of the global embeddings, added to the SCTA
             loss so that the global embeddings become a good first retrieval stage. 0 reproduces the paper.
@@ -124,7 +126,7 @@ class SCTAConfig(PreTrainedConfig):
             the style of CLIP / `VisionTextDualEncoderModel` with the same towers and projections, trained with
             the same hinge loss. A baseline, not the paper's model; the head's weights are then unused.
         text_guided_selection (`bool`, *optional*, defaults to `True`):
-            Whether the patch selection adds the caption term `s_text` to `s_self` (METHOD.md step 1). `False`
+            Whether the patch selection adds the caption term `s_text` to `s_self` (docs/METHOD.md step 1). `False`
             selects patches by `s_self` alone, the same for every caption (an ablation of LAPS's
             language-guided selection).
 
@@ -284,8 +286,14 @@ class SCTAConfig(PreTrainedConfig):
 # argument from each, the model card lists them.
 HEAD_SETTINGS = tuple(name for name in SCTAConfig.__annotations__ if name not in ("vision_config", "text_config"))
 # Head settings that change the shape of a weight: a trained model's cannot be overridden.
-SHAPE_SETTINGS = ("embed_size", "patch_keep_ratio", "patch_aggr_ratio", "max_word_slots", "aggregator_hidden_ratio",
-                  "word_aggregation")
+SHAPE_SETTINGS = (
+    "embed_size",
+    "patch_keep_ratio",
+    "patch_aggr_ratio",
+    "max_word_slots",
+    "aggregator_hidden_ratio",
+    "word_aggregation",
+)
 
 
 def config_field_doc(name: str) -> str:

@@ -2,18 +2,19 @@
 
 Reads top to bottom: small helpers, the output dataclass and the encode-once caption corpus (`CaptionKeyTokens`),
 the blocks (token aggregator, key-token alignment head with its full-matrix, candidate-pair and caption-independent
-scorers, loss), `SCTAPreTrainedModel` and `SCTAModel`. The head is the specification of `METHOD.md` computed
-batched over (image, caption) pairs; `tests/reference_scta.py` holds the literal per-caption loop it is
-tested against. Two-stage retrieval over these pieces: RETRIEVAL.md and `run_retrieval.two_stage_rank`.
+scorers, loss), `SCTAPreTrainedModel` and `SCTAModel`. The head is the specification of `docs/METHOD.md` computed
+batched over (image, caption) pairs; `scta_train/reference.py` holds the literal per-caption loop it is
+tested against. Two-stage retrieval over these pieces: docs/RETRIEVAL.md and `scta_train.retrieval.two_stage_rank`.
 """
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -86,7 +87,7 @@ class SCTAOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            Hinge ranking loss of the batch (sum over images and captions, METHOD.md "Training objective").
+            Hinge ranking loss of the batch (sum over images and captions, docs/METHOD.md "Training objective").
         logits_per_image (`torch.FloatTensor` of shape `(B_img, B_txt)`):
             SCTA score of every image against every caption.
         logits_per_text (`torch.FloatTensor` of shape `(B_txt, B_img)`):
@@ -186,7 +187,9 @@ class CaptionKeyTokens:
         counts = self.key_counts[caption_index]
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         # position of every kept key token in self.tokens
-        positions = torch.repeat_interleave(self.offsets[caption_index] - offsets[:-1], counts) + torch.arange(int(offsets[-1]))
+        positions = torch.repeat_interleave(self.offsets[caption_index] - offsets[:-1], counts) + torch.arange(
+            int(offsets[-1])
+        )
         device = self.tokens.device
         return CaptionKeyTokens(self.tokens[positions.to(device)], offsets, self.query[caption_index.to(device)])
 
@@ -233,7 +236,7 @@ class ImageKeyState:
 class TokenAggregator(nn.Module):
     """
     Token-wise `LayerNorm -> Linear -> GELU -> Linear` giving, for every token, one logit per slot, times a learned
-    scale (METHOD.md steps 3 and 5). A slot is the softmax-weighted sum of tokens under its logits.
+    scale (docs/METHOD.md steps 3 and 5). A slot is the softmax-weighted sum of tokens under its logits.
 
     The last Linear has no bias: the softmax runs over tokens, so a per-slot constant cancels and a bias there
     would never receive a gradient.
@@ -255,10 +258,10 @@ class TokenAggregator(nn.Module):
 class KeyTokenAlignmentHead(nn.Module):
     """
     The SCTA head: scores every image against every caption by aligning a few key tokens on each side
-    (METHOD.md "The key-token head"). Batched over (image, caption) pairs in blocks of
+    (docs/METHOD.md "The key-token head"). Batched over (image, caption) pairs in blocks of
     `image_chunk_size x text_chunk_size` pairs, which bounds memory; no per-caption loop.
 
-    How the pair-dependent part stays cheap (METHOD.md "Performance notes"):
+    How the pair-dependent part stays cheap (docs/METHOD.md "Performance notes"):
     - the patch aggregator is token-wise, so its logits are computed once per image;
     - key tokens are L2-normalised, so softmax normalisers cancel: a slot is `norm(sum_k keep_k e_km P_k)` with
       `e_km = exp(logit_km - shift_m)` for any per-image shift;
@@ -300,7 +303,7 @@ class KeyTokenAlignmentHead(nn.Module):
         self.negative_slope = negative_slope
         self.text_guided_selection = text_guided_selection
         self.patch_aggregator = TokenAggregator(embed_size, self.num_patch_slots, aggregator_hidden_ratio)
-        # One learned layer for every caption; a caption with k slots uses its first k outputs (METHOD.md oddity 1).
+        # One learned layer for every caption; a caption with k slots uses its first k outputs (docs/METHOD.md oddity 1).
         self.word_aggregator = (
             TokenAggregator(embed_size, max_word_slots, aggregator_hidden_ratio) if word_aggregation else None
         )
@@ -440,6 +443,14 @@ class KeyTokenAlignmentHead(nn.Module):
         Scores `(I, T)` of a block of I images against T captions (steps 1-6 for every pair): the same T captions
         for every image (`text.tokens` of shape `(T, J, C)`), or T captions of each image's own (`(I, T, J, C)`).
         """
+        return max_mean_alignment(self.block_similarities(image, text), text.mask, self.negative_slope)
+
+    def block_similarities(self, image: ImageKeyState, text: TextKeyTokens) -> torch.Tensor:
+        """
+        Steps 1-5 of `block_scores`: the cosine `(I, T, J, V)` of every text key token with every image key token
+        (`V = [c_v;] A_v; f`) of each pair, before step 6's alignment. The search tool's per-word report reads the
+        best image key token of each word slot from it.
+        """
         patches, slot_weights = image.patches, image.slot_weights  # (I, N, C), (I, N, M)
         num_images, num_patches, width = patches.shape
         num_slots = slot_weights.shape[-1]
@@ -476,8 +487,7 @@ class KeyTokenAlignmentHead(nn.Module):
         if image.cls is not None:
             cls_sim = torch.einsum("tjc,ic->itj" if shared else "itjc,ic->itj", key_tokens, image.cls)
             columns.insert(0, cls_sim[..., None])
-        similarities = torch.cat(columns, dim=-1)  # (I, T, J, M + 1 [+ 1])
-        return max_mean_alignment(similarities, text.mask, self.negative_slope)
+        return torch.cat(columns, dim=-1)  # (I, T, J, M + 1 [+ 1])
 
     @torch.no_grad()
     def selection_scores(self, image: ImageKeyState, text: TextKeyTokens) -> torch.Tensor:
@@ -543,11 +553,14 @@ class KeyTokenAlignmentHead(nn.Module):
         blocks = [captions.select(order[span]) for span in _spans(len(order), text_chunk_size)]
         recompute = torch.is_grad_enabled()  # keep memory to one block during training
         rows = []
-        for image_span in tqdm(_spans(image_tokens.shape[0], image_chunk_size), desc="Scoring pairs", disable=not progress):
+        for image_span in tqdm(
+            _spans(image_tokens.shape[0], image_chunk_size), desc="Scoring pairs", disable=not progress
+        ):
             chunk = image_tokens[image_span].to(device=device, dtype=dtype)
             if recompute:
                 row = [
-                    checkpoint(self._score_tokens, chunk, b.tokens, b.mask, b.query, use_reentrant=False) for b in blocks
+                    checkpoint(self._score_tokens, chunk, b.tokens, b.mask, b.query, use_reentrant=False)
+                    for b in blocks
                 ]
             else:
                 image = self.image_key_state(chunk)  # once per image, for every block
@@ -592,9 +605,9 @@ class KeyTokenAlignmentHead(nn.Module):
     def independent_image_keys(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """
         Image key tokens `V = norm([c_v; A_v; f])`, `(I, M + 1 [+ 1], C)`, with the patch selection driven by
-        `s_self` alone (METHOD.md step 1 without `s_text`). They no longer depend on the caption, so they can be
+        `s_self` alone (docs/METHOD.md step 1 without `s_text`). They no longer depend on the caption, so they can be
         computed once per image and stored; `independent_scores` then scores a pair by the alignment alone.
-        Equal to the head with a zero text query (tested). Not the paper's score: RETRIEVAL.md "middle stage".
+        Equal to the head with a zero text query (tested). Not the paper's score: docs/RETRIEVAL.md "middle stage".
         """
         cls, patches = self.split_image_tokens(image_tokens)  # (I, C) or None, (I, N, C)
         with torch.no_grad():
@@ -749,7 +762,7 @@ def scta_loss(
     hardest_negative: bool = True,
 ) -> torch.Tensor:
     """
-    SCTA's training objective on a batch of B (image, caption) pairs (METHOD.md "Training objective").
+    SCTA's training objective on a batch of B (image, caption) pairs (docs/METHOD.md "Training objective").
 
     Args:
         logits_per_image: `(B, B)` scores, row i the image of pair i, column j the caption of pair j.
@@ -787,7 +800,7 @@ def scta_with_global_loss(
     """
     The training loss of one process's batch: `scta_loss` on the head's scores plus, when `global_loss_weight > 0`,
     the same hinge on the cosine matrix of the global embeddings times that weight (an auxiliary objective that
-    trains the first retrieval stage; RETRIEVAL.md). Returns `(total, global term or None)`.
+    trains the first retrieval stage; docs/RETRIEVAL.md). Returns `(total, global term or None)`.
     """
     loss = scta_loss(logits_per_image, image_ids, margin, hardest_negative)
     if not global_loss_weight:
@@ -796,19 +809,20 @@ def scta_with_global_loss(
     return loss + global_loss_weight * global_loss, global_loss
 
 
-# The autograd all-gather of functional collectives (its backward is a summing reduce-scatter); older torch
-# releases call it all_gather_tensor_autograd.
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-
-
 def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every process's `tensor` (sizes may differ along dim 0), with gradient flowing back to its owner."""
+    # The autograd all-gather of functional collectives (its backward is a summing reduce-scatter), imported here
+    # because the module is private: only multi-process training needs it. Older torch names it
+    # all_gather_tensor_autograd.
+    import torch.distributed._functional_collectives as funcol
+
+    all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
     size = torch.tensor([tensor.shape[0]], device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
     largest = int(max(sizes))
     padded = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, largest - tensor.shape[0]]).contiguous()
-    gathered = _all_gather_autograd(padded, 0, dist.group.WORLD)  # (world_size * largest, ...)
+    gathered = all_gather_autograd(padded, 0, dist.group.WORLD)  # (world_size * largest, ...)
     return [part[: int(n)] for part, n in zip(gathered.chunk(len(sizes)), sizes)]
 
 
@@ -816,7 +830,8 @@ class SCTALoss(nn.Module):
     """
     SCTA's objective over the global batch: the hinge loss of `model.similarity` (the key-token head, or the global
     cosine with `scoring_head="global"`) plus `config.global_loss_weight` x the same hinge on the global embeddings'
-    cosine. The one home of the hinge's positive masks and of the cross-process gather.
+    cosine. Both paths below score with `hinge_loss_one_direction` and the positive masks of `image_ids`; the
+    cross-process gather is `all_gather_with_grad`.
 
     In one process it is `scta_with_global_loss` of the batch. Under several processes (torch.distributed
     initialised, `world_size > 1`), each process computes its image rows and caption columns of the global score
@@ -842,7 +857,12 @@ class SCTALoss(nn.Module):
         if world_size == 1:
             global_logits = cosine_similarity_matrix(outputs.image_global_embeds, outputs.text_global_embeds)
             loss, _ = scta_with_global_loss(
-                outputs.logits_per_image, global_logits, image_ids, self.margin, hardest_negative, self.global_loss_weight
+                outputs.logits_per_image,
+                global_logits,
+                image_ids,
+                self.margin,
+                hardest_negative,
+                self.global_loss_weight,
             )
             return loss
         return self._global_batch_loss(model, outputs, text_attention_mask, image_ids, hardest_negative) * world_size
@@ -850,7 +870,9 @@ class SCTALoss(nn.Module):
     def _global_batch_loss(self, model, outputs, text_attention_mask, image_ids, hardest_negative) -> torch.Tensor:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         if image_ids is None:  # every pair its own image: ids unique across processes
-            image_ids = rank * len(outputs.image_embeds) + torch.arange(len(outputs.image_embeds), device=text_attention_mask.device)
+            image_ids = rank * len(outputs.image_embeds) + torch.arange(
+                len(outputs.image_embeds), device=text_attention_mask.device
+            )
         length = torch.tensor([text_attention_mask.shape[1]], device=text_attention_mask.device)
         lengths = [torch.zeros_like(length) for _ in range(world_size)]
         dist.all_gather(lengths, length)
@@ -876,7 +898,9 @@ class SCTALoss(nn.Module):
         def hinge(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
             """Both directions for this process's queries: rows `(B_r, B_global)`, columns `(B_global, B_r)`."""
             image_to_text = hinge_loss_one_direction(rows, positives, positive_mask, self.margin, hardest_negative)
-            text_to_image = hinge_loss_one_direction(columns.t(), positives, positive_mask, self.margin, hardest_negative)
+            text_to_image = hinge_loss_one_direction(
+                columns.t(), positives, positive_mask, self.margin, hardest_negative
+            )
             return image_to_text + text_to_image
 
         loss = hinge(torch.cat(rows, 1), torch.cat(columns, 0), local_block.diagonal())
@@ -926,12 +950,16 @@ class SCTAPreTrainedModel(PreTrainedModel):
             )
         problems = {kind: keys for kind, keys in problems.items() if keys}
         if problems:
-            details = "; ".join(f"{kind}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items())
+            details = "; ".join(
+                f"{kind}: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items()
+            )
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             hints = []
             if "missing_keys" in problems or "unexpected_keys" in problems:
-                hints.append(f"{cls.__name__}.from_pretrained({source!r}, strict=False) loads it anyway, initialising "
-                             "missing weights and dropping unexpected ones")
+                hints.append(
+                    f"{cls.__name__}.from_pretrained({source!r}, strict=False) loads it anyway, initialising "
+                    "missing weights and dropping unexpected ones"
+                )
             if "mismatched_keys" in problems:
                 hints.append("ignore_mismatched_sizes=True re-initialises the weights of another shape")
             raise ValueError(
@@ -963,8 +991,8 @@ class SCTAPreTrainedModel(PreTrainedModel):
 def _check_tensor(name: str, value) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(
-            f"{name} is a {type(value).__name__}, not a tensor. Call the processor with return_tensors=\"pt\" "
-            "(processor(images=..., text=..., return_tensors=\"pt\")) before model(**inputs)."
+            f'{name} is a {type(value).__name__}, not a tensor. Call the processor with return_tensors="pt" '
+            '(processor(images=..., text=..., return_tensors="pt")) before model(**inputs).'
         )
 
 
@@ -977,7 +1005,11 @@ def text_position_limit(text_config) -> int:
 def _no_pooling_layer(config) -> dict:
     """`add_pooling_layer=False` where the tower class takes it: SCTA uses the token states, not a pooler."""
     model_class = AutoModel._model_mapping[type(config)]
-    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters else {}
+    return (
+        {"add_pooling_layer": False}
+        if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+        else {}
+    )
 
 
 def tower_from_config(config) -> PreTrainedModel:
@@ -1227,20 +1259,32 @@ class SCTAModel(SCTAPreTrainedModel):
         image query; `caption_index` `(Q, 1)` with `image_index` `(Q, k)` k images per caption query; two
         `(P,)` tensors any P pairs. Returns scores of the broadcast shape, equal to the same entries of `score`.
         """
-        image_index, caption_index = torch.broadcast_tensors(torch.as_tensor(image_index), torch.as_tensor(caption_index))
-        for name, index, size in (("image_index", image_index, len(image_embeds)), ("caption_index", caption_index, len(captions))):
+        image_index, caption_index = torch.broadcast_tensors(
+            torch.as_tensor(image_index), torch.as_tensor(caption_index)
+        )
+        for name, index, size in (
+            ("image_index", image_index, len(image_embeds)),
+            ("caption_index", caption_index, len(captions)),
+        ):
             if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
                 raise ValueError(f"{name} has entries outside [0, {size}): {int(index.min())}..{int(index.max())}.")
         if self.config.scoring_head == "global":
             device, dtype = captions.query.device, captions.query.dtype
             image_global = self.pool_image_tokens(
-                image_embeds.index_select(0, image_index.reshape(-1).to(image_embeds.device)).to(device=device, dtype=dtype)
+                image_embeds.index_select(0, image_index.reshape(-1).to(image_embeds.device)).to(
+                    device=device, dtype=dtype
+                )
             )
             caption_embeds = captions.query.index_select(0, caption_index.reshape(-1).to(device))
             return (F.normalize(image_global, dim=-1) * caption_embeds).sum(-1).view(image_index.shape)
         scores = self.head.score_pairs(
-            image_embeds, captions, image_index.reshape(-1), caption_index.reshape(-1), image_chunk_size,
-            text_chunk_size, progress,
+            image_embeds,
+            captions,
+            image_index.reshape(-1),
+            caption_index.reshape(-1),
+            image_chunk_size,
+            text_chunk_size,
+            progress,
         )
         return scores.view(image_index.shape)
 
@@ -1248,16 +1292,22 @@ class SCTAModel(SCTAPreTrainedModel):
         """
         `(B_img, V, C)` image key tokens with the patch selection driven by the image alone, computed once per image
         for `caption_independent_scores`: a cheap middle retrieval stage (about 10x less work per pair than the
-        head at the paper's shapes, no extra training; RETRIEVAL.md). Not the paper's score.
+        head at the paper's shapes, no extra training; docs/RETRIEVAL.md). Not the paper's score.
         """
         self._check_key_token_head("caption_independent_image_keys")
         parameter = next(self.head.parameters())
-        return torch.cat(
-            [
-                self.head.independent_image_keys(image_embeds[span].to(device=parameter.device, dtype=parameter.dtype))
-                for span in _spans(image_embeds.shape[0], image_chunk_size)
-            ]
-        ) if image_embeds.shape[0] else image_embeds.new_zeros(0, self.head.num_patch_slots + 2, image_embeds.shape[-1])
+        return (
+            torch.cat(
+                [
+                    self.head.independent_image_keys(
+                        image_embeds[span].to(device=parameter.device, dtype=parameter.dtype)
+                    )
+                    for span in _spans(image_embeds.shape[0], image_chunk_size)
+                ]
+            )
+            if image_embeds.shape[0]
+            else image_embeds.new_zeros(0, self.head.num_patch_slots + 2, image_embeds.shape[-1])
+        )
 
     def caption_independent_scores(
         self,
@@ -1271,8 +1321,12 @@ class SCTAModel(SCTAPreTrainedModel):
         broadcast as in `score_candidates`.
         """
         self._check_key_token_head("caption_independent_scores")
-        image_index, caption_index = torch.broadcast_tensors(torch.as_tensor(image_index), torch.as_tensor(caption_index))
-        scores = self.head.independent_pair_scores(image_keys, captions, image_index.reshape(-1), caption_index.reshape(-1))
+        image_index, caption_index = torch.broadcast_tensors(
+            torch.as_tensor(image_index), torch.as_tensor(caption_index)
+        )
+        scores = self.head.independent_pair_scores(
+            image_keys, captions, image_index.reshape(-1), caption_index.reshape(-1)
+        )
         return scores.view(image_index.shape)
 
     def _check_key_token_head(self, what: str) -> None:
@@ -1385,7 +1439,14 @@ class SCTAModel(SCTAPreTrainedModel):
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoModelForZeroShotImageClassification": f"{module}.{type(self).__name__}",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers writes the weights through a private temporary file (mode 0600): give them the permissions
+        # of every other file of the folder (0666 less the umask), so that a shared model folder is readable.
+        umask = os.umask(0)
+        os.umask(umask)
+        for weights in Path(save_directory).glob("*.safetensors"):
+            weights.chmod(0o666 & ~umask)
+        return result
 
     @classmethod
     def from_vision_text_pretrained(

@@ -5,7 +5,7 @@ Full-size evaluation benchmark: exhaustive and two-stage scoring of a whole test
 For each size in `--sizes` (default Flickr30K's 1,000 images x 5,000 captions and MSCOCO 5K's 5,000 x 25,000),
 on random pixels and random captions with the Flickr30K test caption lengths:
 - encoding: both towers over every image and caption (`encode_image_corpus` / `encode_caption_corpus` of
-  `run_retrieval.py`, the code `SCTATrainer.evaluate` runs), timed;
+  `scta_train.retrieval`, the code `SCTATrainer.evaluate` runs), timed;
 - exhaustive: every pair through the head (`SCTAModel.score`), timed (or projected from `--exhaustive-images`
   images when the full matrix would take longer than that);
 - two-stage and three-stage: `scta_train.retrieval.two_stage_rank` at each k of `--ks` (and with the caption-independent
@@ -25,7 +25,6 @@ from transformers import BertConfig, ViTConfig
 
 import benchlib
 from benchlib import (
-    DEFAULT_CAPTIONS_FILE,
     caption_token_counts,
     draw_lengths,
     format_table,
@@ -80,9 +79,15 @@ def run_size(args, model, device, num_images: int, num_captions: int, lengths_po
             caption_global = model.pool_text_tokens(text, mask)
         row["encode_images_s"] = row["encode_captions_s"] = None
     else:
-        images = _Items([{"pixel_values": torch.randn(3, image_size, image_size, generator=generator)} for _ in range(num_images)])
-        captions = _Items([{"input_ids": [101] + torch.randint(1000, vocabulary, (n - 2,), generator=generator).tolist() + [102]}
-                           for n in lengths])  # fmt: skip
+        images = _Items(
+            [{"pixel_values": torch.randn(3, image_size, image_size, generator=generator)} for _ in range(num_images)]
+        )
+        captions = _Items(
+            [
+                {"input_ids": [101] + torch.randint(1000, vocabulary, (n - 2,), generator=generator).tolist() + [102]}
+                for n in lengths
+            ]
+        )
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16_towers):
             (image_tokens, image_global), row["encode_images_s"] = timed(
                 lambda: encode_image_corpus(model, images, args.batch_size, device), 1, device
@@ -111,13 +116,21 @@ def run_size(args, model, device, num_images: int, num_captions: int, lengths_po
         stages = []
         for middle_n in (0, args.middle_n):
             for k in args.ks:
+
                 def rank():
                     global_scores = model.global_similarity(image_global, caption_global).float().cpu()
                     return two_stage_rank(global_scores, caption_to_image, k, score_exact, middle_n, score_middle)
 
                 (_, _, stats), seconds = timed(rank, 1, device)
-                stages.append({"k": k, "middle_n": middle_n, "scoring_s": seconds, **stats,
-                               "speedup": row["exhaustive_s"] / seconds})  # fmt: skip
+                stages.append(
+                    {
+                        "k": k,
+                        "middle_n": middle_n,
+                        "scoring_s": seconds,
+                        **stats,
+                        "speedup": row["exhaustive_s"] / seconds,
+                    }
+                )
     row["two_stage"] = stages
     if device.type == "cuda":
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -154,7 +167,9 @@ def chunk_sweep(args, model, device, lengths_pool) -> list[dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sizes", nargs="+", default=["1000x5000", "5000x25000"], help="images x captions")
@@ -164,9 +179,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bf16-towers", action="store_true", help="encode under bf16 autocast (the head stays fp32)")
     parser.add_argument("--exhaustive-images", type=int, default=5000, help="images the exhaustive head is timed on")
     parser.add_argument(
-        "--skip-towers", action="store_true",
+        "--skip-towers",
+        action="store_true",
         help="score random projected tokens instead of encoding (times the head and the stages alone, e.g. on a CPU)",
-    )  # fmt: skip
+    )
     parser.add_argument("--image-chunk-size", type=int, default=None)
     parser.add_argument("--text-chunk-size", type=int, default=None)
     parser.add_argument("--sweep", action="store_true", help="sweep the head's chunk shape")
@@ -174,7 +190,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-text-chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--sweep-images", type=int, default=256)
     parser.add_argument("--sweep-captions", type=int, default=4096)
-    parser.add_argument("--captions-file", default=str(DEFAULT_CAPTIONS_FILE))
+    parser.add_argument(
+        "--captions-file",
+        default=None,
+        help="a one-caption-a-line file to draw caption lengths from (default: the shipped Flickr30K test histogram)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny towers and sizes (seconds)")
     parser.add_argument("--json", default=None)
@@ -193,26 +213,53 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     lengths_pool = caption_token_counts(args.captions_file)
     model = build_model(args, device)
-    results = {"machine": machine_info(device), "settings": {**vars(args), "sizes": [f"{i}x{c}" for i, c in args.sizes]},
-               "default_chunk_sizes": default_chunk_sizes(device)}  # fmt: skip
+    results = {
+        "machine": machine_info(device),
+        "settings": {**vars(args), "sizes": [f"{i}x{c}" for i, c in args.sizes]},
+        "default_chunk_sizes": default_chunk_sizes(device),
+    }
     logger.info("machine: %s", results["machine"])
     if args.sweep:
         results["sweep"] = chunk_sweep(args, model, device, lengths_pool)
-        logger.info(format_table(results["sweep"], [
-            ("images/block", "image_chunk_size", "d"), ("captions/block", "text_chunk_size", "d"),
-            ("pairs/s", "pairs_per_s", ",.0f"), ("CUDA peak MB", "cuda_peak_mb", ".0f"), ("error", "error", ""),
-        ]))  # fmt: skip
+        logger.info(
+            format_table(
+                results["sweep"],
+                [
+                    ("images/block", "image_chunk_size", "d"),
+                    ("captions/block", "text_chunk_size", "d"),
+                    ("pairs/s", "pairs_per_s", ",.0f"),
+                    ("CUDA peak MB", "cuda_peak_mb", ".0f"),
+                    ("error", "error", ""),
+                ],
+            )
+        )
     results["sizes"] = []
     for num_images, num_captions in args.sizes:
         row = run_size(args, model, device, num_images, num_captions, lengths_pool)
         results["sizes"].append(row)
-        logger.info("\n%d images x %d captions: encoding %s s + %s s; exhaustive head %.1f s (%s, %.0f pairs/s)",
-                    num_images, num_captions, row["encode_images_s"], row["encode_captions_s"], row["exhaustive_s"],
-                    "measured" if row["exhaustive_measured"] else "projected", row["exhaustive_pairs_per_s"])  # fmt: skip
-        logger.info(format_table(row["two_stage"], [
-            ("k", "k", "d"), ("middle N", "middle_n", "d"), ("head pairs", "head_pairs", ",d"),
-            ("middle pairs", "middle_pairs", ",d"), ("scoring s", "scoring_s", ".2f"), ("faster", "speedup", ".1f"),
-        ]))  # fmt: skip
+        logger.info(
+            "\n%d images x %d captions: encoding %s s + %s s; exhaustive head %.1f s (%s, %.0f pairs/s)",
+            num_images,
+            num_captions,
+            row["encode_images_s"],
+            row["encode_captions_s"],
+            row["exhaustive_s"],
+            "measured" if row["exhaustive_measured"] else "projected",
+            row["exhaustive_pairs_per_s"],
+        )
+        logger.info(
+            format_table(
+                row["two_stage"],
+                [
+                    ("k", "k", "d"),
+                    ("middle N", "middle_n", "d"),
+                    ("head pairs", "head_pairs", ",d"),
+                    ("middle pairs", "middle_pairs", ",d"),
+                    ("scoring s", "scoring_s", ".2f"),
+                    ("faster", "speedup", ".1f"),
+                ],
+            )
+        )
     if args.json:
         write_json(args.json, results)
     return results

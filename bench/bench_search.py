@@ -1,7 +1,13 @@
-"""scta-search: indexing throughput, re-indexing an unchanged folder, index size per image, and per-query latency of
-`Gallery.search_text` (two-stage and exhaustive) as the gallery grows.
+"""scta-search: start-up of the command line from a cold process, indexing throughput, re-indexing an unchanged
+folder, index size per image, per-query latency of `Gallery.search_text` (two-stage and exhaustive) as the gallery
+grows, and the server's latency over HTTP and throughput with concurrent clients.
 
     python bench/bench_search.py --model outputs/demo_synthetic --json bench/results/search.json
+
+Part 0, cold processes (median of `--cold-repeats`): `python -c "import torch"` as the yardstick, `scta-search
+--help`, an argument error, and a text query on the demo index (model load, index open, query, word report).
+Part 4, the server: `scta-search serve`'s API in this process over real HTTP (uvicorn on 127.0.0.1), the median
+per-query time seen by a client against the same query in process, and queries per second with 1 and 4 clients.
 
 Part 1, the demo model on real files: the synthetic test images written as PNG files (1,000 by default) are
 indexed (`Gallery.build`, timed end to end: decoding, preprocessing, encoding, writing), indexed again unchanged
@@ -15,27 +21,29 @@ first stage over 512-d global embeddings and the head on 64 candidates, summed i
 """
 
 import argparse
+import concurrent.futures
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
-
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchlib import machine_info, set_threads, write_json  # noqa: E402
-from dataset_scripts.synthetic_shapes import generate_synthetic_dataset, write_png_files  # noqa: E402
-from modeling_scta import SCTAModel  # noqa: E402
-from processing_scta import SCTAProcessor  # noqa: E402
-from search_scta import Gallery  # noqa: E402
+from benchlib import machine_info, set_threads, write_json
+from dataset_scripts.synthetic_shapes import generate_synthetic_dataset, write_png_files
+from modeling_scta import SCTAModel
+from processing_scta import SCTAProcessor
+from scta_search import Gallery
+from scta_search.files import ReadFile, Stamp
+from scta_search.store import IndexStore
 
 
 def folder_size(path: Path) -> int:
@@ -56,10 +64,17 @@ def part_files(args, model, processor, work: Path) -> tuple[dict, Gallery, list[
     write_png_files(dataset, work / "photos")
     captions = [row[0] for row in dataset["test"]["captions"]]
     start = time.perf_counter()
-    gallery = Gallery.build(model, processor, work / "photos" / "test", work / "index", batch_size=args.batch_size)
+    gallery = Gallery.build(
+        model,
+        processor,
+        work / "photos" / "test",
+        work / "index",
+        batch_size=args.batch_size,
+        model_name_or_path=str(Path(args.model).resolve()),
+    )
     first = time.perf_counter() - start
     start = time.perf_counter()
-    counts = Gallery.load(work / "index", model, processor).update(work / "photos" / "test")
+    counts = gallery.update(work / "photos" / "test")
     again = time.perf_counter() - start
     assert counts["unchanged"] == args.images, counts
     size = folder_size(work / "index")
@@ -75,33 +90,40 @@ def part_files(args, model, processor, work: Path) -> tuple[dict, Gallery, list[
     return result, gallery, captions
 
 
-def synthetic_gallery(base: Gallery, size: int, generator: torch.Generator) -> Gallery:
-    """`size` images from the base gallery's real tokens, repeated with a little noise (deduplicated neighbours)."""
-    tokens = torch.as_tensor(np.asarray(base.table.with_format("numpy")["tokens"], dtype=np.float32))
+def synthetic_gallery(base: Gallery, size: int, generator: torch.Generator, folder: Path) -> Gallery:
+    """`size` images from the base gallery's real tokens, repeated with a little noise (deduplicated neighbours),
+    written into an index of their own as the indexer would (batches of 4,096)."""
+    tokens = base.tokens(list(range(len(base)))).float()
     repeats = -(-size // len(tokens))
     tiled = tokens.repeat(repeats, 1, 1)[:size]
     tiled = tiled + 0.05 * tiled.std() * torch.randn(tiled.shape, generator=generator)
     with torch.no_grad():
         global_embeddings = base.model.pool_image_tokens(tiled)
-    table = datasets.Dataset.from_dict(
-        {"path": [f"img{i:07d}" for i in range(size)], "size": [0] * size, "mtime": [0.0] * size,
-         "tokens": list(tiled.half().numpy()), "global_embedding": list(global_embeddings.numpy())},
-        features=base.table.features,
-    )  # fmt: skip
-    return Gallery(base.model, base.processor, table, base.manifest)
+    store = IndexStore.create(
+        folder, {key: value for key, value in base.manifest.items() if key not in ("format", "version", "created")}
+    )
+    for start in range(0, size, 4096):
+        files = [ReadFile(f"/img{i:07d}.png", Stamp(0, 0), f"{i:064x}") for i in range(start, min(start + 4096, size))]
+        store.add(files, tiled[start : start + 4096].half().numpy(), global_embeddings[start : start + 4096].numpy())
+    store.compact_if_needed()
+    return Gallery(base.model, base.processor, store)
 
 
-def part_latency(args, base: Gallery, captions: list[str]) -> list[dict]:
+def part_latency(args, base: Gallery, captions: list[str], work: Path) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     rows = []
     for size in args.gallery_sizes:
-        gallery = synthetic_gallery(base, size, generator)
+        gallery = synthetic_gallery(base, size, generator, work / f"gallery-{size}")
         queries = captions[: args.queries]
         gallery.search_text(queries[0], k=10)  # warm-up: loads the global matrix (and a FAISS index if installed)
-        two_stage = statistics.median(median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=64), 1) for q in queries)
+        two_stage = statistics.median(
+            median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=64), 1) for q in queries
+        )
         row = {"gallery": size, "two_stage_k64_seconds": round(two_stage, 4)}
         if size <= args.exhaustive_max:
-            exhaustive = statistics.median(median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=0), 1) for q in queries[:3])
+            exhaustive = statistics.median(
+                median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=0), 1) for q in queries[:3]
+            )
             row["exhaustive_seconds"] = round(exhaustive, 4)
         rows.append(row)
         print(row, flush=True)
@@ -131,25 +153,111 @@ def part_paper_shapes(args) -> dict:
     head = KeyTokenAlignmentHead.from_config(SCTAConfig()).eval()
     candidates = torch.randn(64, 197, 512).half()
     text_tokens, text_mask = torch.randn(1, 16, 512), torch.ones(1, 16, dtype=torch.long)
-    results = {"vit_b16_images_per_second": round(images_per_second, 2), "bert_base_query_seconds": round(text_seconds, 4)}
+    results = {
+        "vit_b16_images_per_second": round(images_per_second, 2),
+        "bert_base_query_seconds": round(text_seconds, 4),
+    }
     with torch.no_grad():
         captions = head.caption_key_tokens(text_tokens, text_mask)
-        results["head_64_candidates_seconds"] = round(median_seconds(
-            lambda: head.score_pairs(candidates, captions, torch.arange(64), torch.zeros(64, dtype=torch.long)), 3), 4)  # fmt: skip
+        results["head_64_candidates_seconds"] = round(
+            median_seconds(
+                lambda: head.score_pairs(candidates, captions, torch.arange(64), torch.zeros(64, dtype=torch.long)), 3
+            ),
+            4,
+        )
         for size in args.gallery_sizes:
             unit = F.normalize(torch.randn(size, 512), dim=-1)
             query = F.normalize(torch.randn(512), dim=-1)
             first = median_seconds(lambda: (unit @ query).topk(64), 5)
             results[f"first_stage_{size}_seconds"] = round(first, 5)
-            results[f"query_{size}_projected_seconds"] = round(text_seconds + first + results["head_64_candidates_seconds"], 4)
+            results[f"query_{size}_projected_seconds"] = round(
+                text_seconds + first + results["head_64_candidates_seconds"], 4
+            )
             results[f"index_{size}_projected_hours"] = round(size / images_per_second / 3600, 2)
         results["bytes_per_image_paper_shapes"] = 197 * 512 * 2 + 512 * 4  # float16 tokens + float32 global
     return results
 
 
+def cold_seconds(command: list[str], repeats: int) -> float:
+    """Median wall time of a command in a fresh process (its exit status is not checked: errors are timed too)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, env=env)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def part_cold_start(args, index: Path) -> dict:
+    python = sys.executable
+    result = {
+        "import_torch_seconds": cold_seconds([python, "-c", "import torch"], args.cold_repeats),
+        "help_seconds": cold_seconds([python, "-m", "scta_search", "--help"], args.cold_repeats),
+        "argument_error_seconds": cold_seconds(
+            [python, "-m", "scta_search", "query", "--index", str(index), "x", "-k", "0"], args.cold_repeats
+        ),
+        "missing_index_error_seconds": cold_seconds(
+            [python, "-m", "scta_search", "query", "--index", str(index) + "-missing", "x"], args.cold_repeats
+        ),
+        "text_query_seconds": cold_seconds(
+            [python, "-m", "scta_search", "query", "--index", str(index), "a small red circle on the left", "-k", "5"],
+            args.cold_repeats,
+        ),
+        "reindex_unchanged_cold_seconds": None,
+    }
+    result["text_query_over_import_torch"] = round(result["text_query_seconds"] / result["import_torch_seconds"], 2)
+    return {key: (round(value, 3) if isinstance(value, float) else value) for key, value in result.items()}
+
+
+def part_server(args, gallery: Gallery, captions: list[str]) -> dict:
+    import uvicorn
+
+    from scta_search.server import create_app
+
+    app = create_app(gallery, with_app=False)
+    config = uvicorn.Config(app, host="127.0.0.1", port=args.port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{args.port}/api/search?"
+    queries = captions[: args.queries]
+
+    def over_http(query: str) -> float:
+        start = time.perf_counter()
+        with urllib.request.urlopen(base + urllib.parse.urlencode({"q": query, "k": 10}), timeout=60) as response:
+            response.read()
+        return time.perf_counter() - start
+
+    def in_process(query: str) -> float:
+        start = time.perf_counter()
+        gallery.search_text(query, k=10, word_report=True)
+        return time.perf_counter() - start
+
+    over_http(queries[0])
+    http = statistics.median(over_http(q) for q in queries)
+    local = statistics.median(in_process(q) for q in queries)
+    result = {
+        "http_query_seconds": round(http, 4),
+        "in_process_query_seconds": round(local, 4),
+        "http_overhead_ms": round(1000 * (http - local), 1),
+    }
+    for clients in (1, 4):
+        work = queries * 2
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            list(pool.map(over_http, work))
+        result[f"queries_per_second_{clients}_clients"] = round(len(work) / (time.perf_counter() - start), 1)
+    server.should_exit = True
+    thread.join(timeout=10)
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "outputs" / "demo_synthetic"), help="the demo model folder")
+    parser.add_argument("--model", default="outputs/demo_synthetic", help="the demo model folder")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--gallery-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -157,6 +265,8 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-paper-shapes", action="store_true")
+    parser.add_argument("--cold-repeats", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -165,8 +275,36 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as work:
         files, gallery, captions = part_files(args, model, processor, Path(work))
         print(json.dumps(files, indent=2), flush=True)
-        latency = part_latency(args, gallery, captions)
-    results = {"machine": machine_info(torch.device("cpu")), "files": files, "latency": latency}
+        cold = part_cold_start(args, Path(work) / "index")
+        cold["reindex_unchanged_cold_seconds"] = round(
+            cold_seconds(
+                [
+                    sys.executable,
+                    "-m",
+                    "scta_search",
+                    "index",
+                    "--model",
+                    args.model,
+                    "--images",
+                    str(Path(work) / "photos" / "test"),
+                    "--index",
+                    str(Path(work) / "index"),
+                ],
+                args.cold_repeats,
+            ),
+            3,
+        )
+        print(json.dumps(cold, indent=2), flush=True)
+        server = part_server(args, gallery, captions)
+        print(json.dumps(server, indent=2), flush=True)
+        latency = part_latency(args, gallery, captions, Path(work))
+    results = {
+        "machine": machine_info(torch.device("cpu")),
+        "cold_start": cold,
+        "files": files,
+        "server": server,
+        "latency": latency,
+    }
     if not args.skip_paper_shapes:
         results["paper_shapes"] = part_paper_shapes(args)
         print(json.dumps(results["paper_shapes"], indent=2))

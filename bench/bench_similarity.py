@@ -5,7 +5,7 @@ SCTA's cost is the head: every test image is scored against every test caption (
 pairs, COCO 5K 5,000 x 25,000) and, in training, every image against every caption of the batch. This script
 times, in one run and on the same seeded inputs,
 - `batched`: `KeyTokenAlignmentHead.forward` (what `SCTAModel.similarity` calls), and
-- `loop`: `tests/reference_scta.py::reference_similarity_loop`, the published code's per-caption Python loop
+- `loop`: `scta_train/reference.py::reference_similarity_loop`, the published code's per-caption Python loop
   (each caption against all images at once), which is also the test oracle,
 for two cases:
 - `eval`: an evaluation block, 256 images x 1,280 captions (5 per image), under `torch.no_grad`;
@@ -63,8 +63,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
-from benchlib import (  # benchlib puts the repository on sys.path for the imports below
-    DEFAULT_CAPTIONS_FILE,
+from benchlib import (
     PeakMemory,
     caption_token_counts,
     draw_lengths,
@@ -79,7 +78,7 @@ from benchlib import (  # benchlib puts the repository on sys.path for the impor
     write_json,
 )
 from modeling_scta import KeyTokenAlignmentHead, default_chunk_sizes, scta_loss
-from tests.reference_scta import reference_similarity_loop
+from scta_train.reference import reference_similarity_loop
 
 
 FLICKR30K_TEST_PAIRS = 1_000 * 5_000
@@ -177,11 +176,18 @@ def batched_head_flops(head: KeyTokenAlignmentHead, lengths: list[int], num_imag
 def loop_flops(head: KeyTokenAlignmentHead, lengths: list[int], num_images: int) -> float:
     """Forward FLOPs of the per-caption loop: per pair the selection, the patch MLP on the K kept patches, the slot
     sums, the fused token and the alignment matmul; per caption the word side."""
-    n, c, m, k = head.num_patches, head.patch_aggregator.mlp[0].normalized_shape[0], head.num_patch_slots, head.num_kept_patches
+    n, c, m, k = (
+        head.num_patches,
+        head.patch_aggregator.mlp[0].normalized_shape[0],
+        head.num_patch_slots,
+        head.num_kept_patches,
+    )
     hidden = _aggregator_hidden(head)
     keys = text_key_counts(head, lengths).double()
     image_keys = m + 1 + int(head.vision_has_cls_token)
-    per_pair = 2 * n * c + 2 * k * (c * hidden + hidden * m) + 2 * m * k * c + 2 * (n - k) * c + 2 * keys * image_keys * c
+    per_pair = (
+        2 * n * c + 2 * k * (c * hidden + hidden * m) + 2 * m * k * c + 2 * (n - k) * c + 2 * keys * image_keys * c
+    )
     return num_images * float(per_pair.sum()) + _word_side_flops(head, lengths, c)
 
 
@@ -270,7 +276,7 @@ def max_abs_difference(a: dict | torch.Tensor, b: dict | torch.Tensor) -> float:
 
 def selection_gaps(job: dict, pairs: torch.Tensor, head: KeyTokenAlignmentHead) -> list[float]:
     """
-    For (image, caption) pairs, the gap between the K-th and (K+1)-th patch selection score (METHOD.md step 1).
+    For (image, caption) pairs, the gap between the K-th and (K+1)-th patch selection score (docs/METHOD.md step 1).
 
     The head keeps the top K patches, so a pair's score jumps where two patch scores cross. Where they are
     within rounding (~1e-7 in fp32) of each other, two correct implementations that sum in different orders
@@ -307,7 +313,9 @@ def compare_with_loop(job: dict, batched: dict, loop: dict, head: KeyTokenAlignm
             {"image": i, "caption": t, "abs_diff": float(difference[i, t]), "selection_gap": gap}
             for (i, t), gap in zip(beyond[:MAX_PAIRS_EXPLAINED].tolist(), gaps)
         ]
-        comparison["all_beyond_tolerance_are_near_ties"] = bool(beyond.shape[0] <= MAX_PAIRS_EXPLAINED and max(gaps) < NEAR_TIE)
+        comparison["all_beyond_tolerance_are_near_ties"] = bool(
+            beyond.shape[0] <= MAX_PAIRS_EXPLAINED and max(gaps) < NEAR_TIE
+        )
     # The implementations agree: every pair within the tolerance, except top-K near ties (see `selection_gaps`).
     comparison["agrees_with_loop"] = comparison["within_tolerance"] or comparison["all_beyond_tolerance_are_near_ties"]
     if "grads" in batched:
@@ -317,7 +325,7 @@ def compare_with_loop(job: dict, batched: dict, loop: dict, head: KeyTokenAlignm
 
 
 def recall_of(scores: torch.Tensor, owners: torch.Tensor) -> dict | str:
-    """R@1/5 and rsum by the project's definition (METHOD.md "Evaluation"), or why they could not be computed."""
+    """R@1/5 and rsum by the project's definition (docs/METHOD.md "Evaluation"), or why they could not be computed."""
     try:
         from scta_train.metrics import retrieval_metrics
     except ImportError as error:  # scta_train needs `datasets`, which a bare GPU machine may lack
@@ -348,7 +356,9 @@ def precision_effect(fp32: torch.Tensor, reduced: torch.Tensor, owners: torch.Te
 
 
 def case_jobs(args, case: str, lengths_pool: list[int]) -> dict:
-    images, captions = (args.eval_images, args.eval_captions) if case == "eval" else (args.train_batch, args.train_batch)
+    images, captions = (
+        (args.eval_images, args.eval_captions) if case == "eval" else (args.train_batch, args.train_batch)
+    )
     offset = {"eval": 0, "train": 1000}[case]
     return {
         "case": case,
@@ -379,7 +389,9 @@ def run_case(args, case: str, lengths_pool: list[int], peaks: dict) -> dict:
     head = build_head(job)
     train = case == "train"
     images, lengths = job["images"], job["lengths"]
-    logger.info("%s: %d images x %d captions (%s)", case, images, len(lengths), "forward + backward" if train else "no grad")
+    logger.info(
+        "%s: %d images x %d captions (%s)", case, images, len(lengths), "forward + backward" if train else "no grad"
+    )
 
     flops = batched_head_flops(head, lengths, images)
     summary = {
@@ -442,14 +454,20 @@ def run_case(args, case: str, lengths_pool: list[int], peaks: dict) -> dict:
             **precision_effect(runs["batched"]["scores"], runs["batched_bf16"]["scores"], owners),
         }
         if train:
-            summary["bf16"]["max_abs_grad_diff_vs_fp32"] = max_abs_difference(runs["batched"]["grads"], runs["batched_bf16"]["grads"])
+            summary["bf16"]["max_abs_grad_diff_vs_fp32"] = max_abs_difference(
+                runs["batched"]["grads"], runs["batched_bf16"]["grads"]
+            )
     return summary
 
 
 def run_sweep(args, lengths_pool: list[int]) -> list[dict]:
     """Batched eval throughput and peak memory over (image_chunk_size, text_chunk_size)."""
     job = case_jobs(args, "eval", lengths_pool)
-    job.update(images=args.sweep_images, lengths=draw_lengths(lengths_pool, args.sweep_captions, args.seed), repeats=args.sweep_repeats)
+    job.update(
+        images=args.sweep_images,
+        lengths=draw_lengths(lengths_pool, args.sweep_captions, args.seed),
+        repeats=args.sweep_repeats,
+    )
     head = build_head(job)
     block_keys = int(text_key_counts(head, job["lengths"]).max())
     default = default_chunk_sizes(torch.device(args.device))
@@ -461,11 +479,15 @@ def run_sweep(args, lengths_pool: list[int]) -> list[dict]:
                 "image_chunk_size": image_chunk,
                 "text_chunk_size": text_chunk,
                 "default": "*" if (image_chunk, text_chunk) == default else "",
-                "estimated_block_mb_at_max_keys": block_memory_mb(head, image_chunk, text_chunk, block_keys, args.embed_size),
+                "estimated_block_mb_at_max_keys": block_memory_mb(
+                    head, image_chunk, text_chunk, block_keys, args.embed_size
+                ),
             }
             try:
                 run = run_isolated(
-                    measure_head, {**job, "image_chunk_size": image_chunk, "text_chunk_size": text_chunk}, isolate=not args.no_isolate
+                    measure_head,
+                    {**job, "image_chunk_size": image_chunk, "text_chunk_size": text_chunk},
+                    isolate=not args.no_isolate,
                 )
             except torch.OutOfMemoryError as error:  # a too large block is a result of the sweep, not a failure
                 logger.warning("    out of memory: %s", str(error).splitlines()[0])
@@ -515,23 +537,30 @@ def run_profile(args, lengths_pool: list[int]) -> list[dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--cases", nargs="*", default=["eval", "train"], choices=["eval", "train"],
+        "--cases",
+        nargs="*",
+        default=["eval", "train"],
+        choices=["eval", "train"],
         help="cases to time; '--cases' alone times none (e.g. with --sweep or --profile only)",
-    )  # fmt: skip
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of the batched head per case (median)")
     parser.add_argument("--loop-repeats", type=int, default=1, help="timed runs of the loop per case")
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--eval-captions", type=int, default=1280)
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument(
-        "--loop-captions", type=int, default=256,
+        "--loop-captions",
+        type=int,
+        default=256,
         help="eval case: time the loop on the first N captions only (its cost is one iteration per caption, linear "
         "in N); 0 = all. The train case always loops over all captions.",
-    )  # fmt: skip
+    )
     parser.add_argument("--skip-loop", action="store_true", help="time the batched head only")
     parser.add_argument("--train-loss", choices=["hinge", "sum"], default="hinge", help="loss of the train case")
     parser.add_argument("--embed-size", type=int, default=512)
@@ -542,7 +571,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-word-aggregation", action="store_true", help="LAPS: all caption tokens are key tokens")
     parser.add_argument("--image-chunk-size", type=int, default=None, help="default: default_chunk_sizes(device)")
     parser.add_argument("--text-chunk-size", type=int, default=None, help="default: default_chunk_sizes(device)")
-    parser.add_argument("--captions-file", default=str(DEFAULT_CAPTIONS_FILE), help="caption lengths are drawn from it")
+    parser.add_argument(
+        "--captions-file",
+        default=None,
+        help="a one-caption-a-line file to draw caption lengths from (default: the shipped Flickr30K test histogram)",
+    )
     parser.add_argument("--caption-noise", type=float, default=2.5, help="std of the noise on caption tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true", help="also run the batched head under bf16 autocast")
@@ -554,9 +587,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-repeats", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="torch.profiler of the batched eval head")
     parser.add_argument(
-        "--profile-images", type=int, default=None,
+        "--profile-images",
+        type=int,
+        default=None,
         help="default: 4 image chunks, so that the caption side (once per call) weighs about as in a large block",
-    )  # fmt: skip
+    )
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the reference matmul peak")
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process (memory less exact)")
@@ -567,7 +602,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_images, args.eval_captions, args.train_batch = 8, 40, 8
         args.embed_size, args.num_patches, args.repeats, args.loop_captions = 64, 16, 1, 0
         args.image_chunk_size, args.text_chunk_size = args.image_chunk_size or 4, args.text_chunk_size or 16
-        args.sweep_image_chunks, args.sweep_text_chunks, args.sweep_images, args.sweep_captions = [4, 8], [16, 40], 8, 40
+        args.sweep_image_chunks, args.sweep_text_chunks, args.sweep_images, args.sweep_captions = (
+            [4, 8],
+            [16, 40],
+            8,
+            40,
+        )
         args.matmul_size = 256
     for name in ("eval_images", "eval_captions", "train_batch", "repeats", "loop_repeats", "num_patches", "embed_size"):
         if getattr(args, name) < 1:
@@ -582,7 +622,11 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     lengths_pool = caption_token_counts(args.captions_file)
 
-    results = {"machine": machine_info(device), "settings": vars(args), "default_chunk_sizes": default_chunk_sizes(device)}
+    results = {
+        "machine": machine_info(device),
+        "settings": vars(args),
+        "default_chunk_sizes": default_chunk_sizes(device),
+    }
     logger.info("machine: %s", results["machine"])
     peaks = {"fp32": matmul_peak_gflops(device, args.matmul_size)}
     if args.bf16:
@@ -607,49 +651,92 @@ def main(argv=None) -> dict:
     for case in args.cases:
         summary = run_case(args, case, lengths_pool, peaks)
         results["cases"][case] = summary
-        logger.info("\n%s: %d images x %d captions, mean %.1f caption tokens, %.1f text key tokens; useful forward "
-                    "%.2f MFLOP/pair (loop %.2f)", case, summary["images"], summary["captions"],
-                    summary["mean_caption_tokens"], summary["mean_text_keys"],
-                    summary["useful_forward_flops_per_pair"] / 1e6, summary["loop_forward_flops_per_pair"] / 1e6)  # fmt: skip
+        logger.info(
+            "\n%s: %d images x %d captions, mean %.1f caption tokens, %.1f text key tokens; useful forward "
+            "%.2f MFLOP/pair (loop %.2f)",
+            case,
+            summary["images"],
+            summary["captions"],
+            summary["mean_caption_tokens"],
+            summary["mean_text_keys"],
+            summary["useful_forward_flops_per_pair"] / 1e6,
+            summary["loop_forward_flops_per_pair"] / 1e6,
+        )
         logger.info(format_table(summary["rows"], columns))
         if "speedup_batched_over_loop" in summary:
             logger.info(
                 "batched / loop throughput: %.1fx; max |batched - loop| = %.2e over %d captions; %d of %d pairs "
                 "beyond 1e-5%s%s",
-                summary["speedup_batched_over_loop"], summary["max_abs_diff_batched_vs_loop"],
-                summary["compared_captions"], summary["pairs_beyond_tolerance"], summary["compared_pairs"],
-                "" if summary["within_tolerance"] else (
-                    ", all top-K near ties (selection gap < 1e-6: %s)" % ", ".join(
-                        f"{pair['selection_gap']:.1e}" for pair in summary["beyond_tolerance_pairs"][:8])
-                    if summary["all_beyond_tolerance_are_near_ties"] else ", NOT explained by near ties"),
+                summary["speedup_batched_over_loop"],
+                summary["max_abs_diff_batched_vs_loop"],
+                summary["compared_captions"],
+                summary["pairs_beyond_tolerance"],
+                summary["compared_pairs"],
+                ""
+                if summary["within_tolerance"]
+                else (
+                    ", all top-K near ties (selection gap < 1e-6: {})".format(
+                        ", ".join(f"{pair['selection_gap']:.1e}" for pair in summary["beyond_tolerance_pairs"][:8])
+                    )
+                    if summary["all_beyond_tolerance_are_near_ties"]
+                    else ", NOT explained by near ties"
+                ),
                 f"; max |grad diff| = {summary['max_abs_grad_diff_batched_vs_loop']:.2e} (max |grad| "
-                f"{summary['max_abs_grad']:.2e})" if "max_abs_grad_diff_batched_vs_loop" in summary else "",
-            )  # fmt: skip
+                f"{summary['max_abs_grad']:.2e})"
+                if "max_abs_grad_diff_batched_vs_loop" in summary
+                else "",
+            )
         if "bf16" in summary:
             effect = summary["bf16"]
-            logger.info("bf16 autocast: %.2fx fp32 speed; max |score diff| %.2e (mean %.2e); same top-1 caption for "
-                        "%.1f%% of images, same top-1 image for %.1f%% of captions", effect["speedup_over_fp32"],
-                        effect["max_abs_score_diff"], effect["mean_abs_score_diff"],
-                        effect["same_top1_caption_per_image_pct"], effect["same_top1_image_per_caption_pct"])  # fmt: skip
+            logger.info(
+                "bf16 autocast: %.2fx fp32 speed; max |score diff| %.2e (mean %.2e); same top-1 caption for "
+                "%.1f%% of images, same top-1 image for %.1f%% of captions",
+                effect["speedup_over_fp32"],
+                effect["max_abs_score_diff"],
+                effect["mean_abs_score_diff"],
+                effect["same_top1_caption_per_image_pct"],
+                effect["same_top1_image_per_caption_pct"],
+            )
             if "recall_fp32" in effect:
-                logger.info("  synthetic recall fp32 %s\n  synthetic recall bf16 %s", effect["recall_fp32"], effect["recall_reduced"])
+                logger.info(
+                    "  synthetic recall fp32 %s\n  synthetic recall bf16 %s",
+                    effect["recall_fp32"],
+                    effect["recall_reduced"],
+                )
 
     if args.sweep:
         logger.info("\nchunk sweep: %d images x %d captions, batched eval", args.sweep_images, args.sweep_captions)
         results["sweep"] = run_sweep(args, lengths_pool)
-        logger.info(format_table(results["sweep"], [
-            ("images/block", "image_chunk_size", "d"), ("captions/block", "text_chunk_size", "d"),
-            ("default", "default", ""), ("pairs/s", "pairs_per_s", ",.0f"), ("RSS growth MB", "growth_rss_mb", ".0f"),
-            ("CUDA growth MB", "cuda_growth_mb", ".0f"), ("est. block MB", "estimated_block_mb_at_max_keys", ".0f"),
-            ("error", "error", ""),
-        ]))  # fmt: skip
+        logger.info(
+            format_table(
+                results["sweep"],
+                [
+                    ("images/block", "image_chunk_size", "d"),
+                    ("captions/block", "text_chunk_size", "d"),
+                    ("default", "default", ""),
+                    ("pairs/s", "pairs_per_s", ",.0f"),
+                    ("RSS growth MB", "growth_rss_mb", ".0f"),
+                    ("CUDA growth MB", "cuda_growth_mb", ".0f"),
+                    ("est. block MB", "estimated_block_mb_at_max_keys", ".0f"),
+                    ("error", "error", ""),
+                ],
+            )
+        )
     if args.profile:
         logger.info("\nprofile of the batched eval head (top operators by self time)")
         results["profile"] = run_profile(args, lengths_pool)
-        logger.info(format_table(results["profile"], [
-            ("op", "op", ""), ("self ms", "self_ms", ".1f"), ("self %", "self_pct", ".1f"), ("calls", "calls", "d"),
-            ("input shapes", "input_shapes", ""),
-        ]))  # fmt: skip
+        logger.info(
+            format_table(
+                results["profile"],
+                [
+                    ("op", "op", ""),
+                    ("self ms", "self_ms", ".1f"),
+                    ("self %", "self_pct", ".1f"),
+                    ("calls", "calls", "d"),
+                    ("input shapes", "input_shapes", ""),
+                ],
+            )
+        )
 
     if args.json:
         write_json(args.json, results)

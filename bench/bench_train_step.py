@@ -2,7 +2,7 @@
 Training-step benchmark of `SCTAModel`: seconds per step, samples/s, the head's share, checkpointing and bf16.
 
 A step is what the trainer does per batch: `model(pixel_values, input_ids, attention_mask, return_loss=True)`,
-`loss.backward()`, gradient clipping (max norm 2.0) and an AdamW step (METHOD.md "Recipe"). Presets:
+`loss.backward()`, gradient clipping (max norm 2.0) and an AdamW step (docs/METHOD.md "Recipe"). Presets:
 - `tiny`: the towers of `configs/demo_synthetic.json` where that file exists, else a tiny ViT (64 px, patch 8,
   width 128) and a tiny BERT (width 128); override either with `--vision-config` / `--text-config` (JSON);
 - `full`: ViT-B/16 at 224 px + BERT-base, randomly initialised, embed_size 512 and the paper's head (the
@@ -33,8 +33,7 @@ import torch
 from transformers import BertConfig, ViTConfig
 
 import benchlib
-from benchlib import (  # benchlib puts the repository on sys.path for the imports below
-    DEFAULT_CAPTIONS_FILE,
+from benchlib import (
     REPO,
     PeakMemory,
     caption_token_counts,
@@ -63,7 +62,7 @@ BREAKDOWN_PARTS = (
     "text_tower_backward",
     "clip_and_optimizer",
 )
-# The recipe's optimiser (METHOD.md "Recipe"); the backbones' lower learning rate does not change the cost.
+# The recipe's optimiser (docs/METHOD.md "Recipe"); the backbones' lower learning rate does not change the cost.
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-4, 1e-4, 2.0
 
 
@@ -73,10 +72,24 @@ LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-4, 1e-4, 2.0
 
 def builtin_tiny_towers() -> tuple[dict, dict, int]:
     """A tiny ViT (64 px, patch 8 -> 64 patches, width 128) and BERT (width 128), embed_size 128."""
-    vision = {"model_type": "vit", "image_size": 64, "patch_size": 8, "hidden_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "intermediate_size": 512}  # fmt: skip
-    text = {"model_type": "bert", "vocab_size": 8192, "hidden_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "intermediate_size": 512, "max_position_embeddings": 128}  # fmt: skip
+    vision = {
+        "model_type": "vit",
+        "image_size": 64,
+        "patch_size": 8,
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+    }
+    text = {
+        "model_type": "bert",
+        "vocab_size": 8192,
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "max_position_embeddings": 128,
+    }
     return vision, text, 128
 
 
@@ -85,7 +98,10 @@ def tiny_towers() -> tuple[dict, dict, int, str]:
     if DEMO_CONFIG.is_file():
         demo = json.loads(DEMO_CONFIG.read_text(encoding="utf-8"))
         if "vision_config" in demo and "text_config" in demo:
-            text = {**demo["text_config"], "vocab_size": demo.get("vocab_size", demo["text_config"].get("vocab_size", 8192))}
+            text = {
+                **demo["text_config"],
+                "vocab_size": demo.get("vocab_size", demo["text_config"].get("vocab_size", 8192)),
+            }
             return demo["vision_config"], text, demo.get("embed_size", 512), str(DEMO_CONFIG.relative_to(REPO))
     return (*builtin_tiny_towers(), "built-in tiny towers")
 
@@ -247,7 +263,9 @@ def parse_json_object(text: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--presets", nargs="+", default=["tiny", "full"], choices=["tiny", "full"])
@@ -256,10 +274,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="timed plain steps (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--breakdown-steps", type=int, default=1, help="steps timed part by part (0: none)")
-    parser.add_argument("--vision-config", type=parse_json_object, default={}, help="JSON fields over the preset's image tower")
-    parser.add_argument("--text-config", type=parse_json_object, default={}, help="JSON fields over the preset's text tower")
-    parser.add_argument("--embed-size", type=int, default=None, help="default: the preset's (tiny 128 / demo's, full 512)")
-    parser.add_argument("--captions-file", default=str(DEFAULT_CAPTIONS_FILE), help="caption lengths are drawn from it")
+    parser.add_argument(
+        "--vision-config", type=parse_json_object, default={}, help="JSON fields over the preset's image tower"
+    )
+    parser.add_argument(
+        "--text-config", type=parse_json_object, default={}, help="JSON fields over the preset's text tower"
+    )
+    parser.add_argument(
+        "--embed-size", type=int, default=None, help="default: the preset's (tiny 128 / demo's, full 512)"
+    )
+    parser.add_argument(
+        "--captions-file",
+        default=None,
+        help="a one-caption-a-line file to draw caption lengths from (default: the shipped Flickr30K test histogram)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process (memory less exact)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, batch 8, one step of each kind (seconds)")
@@ -281,13 +309,25 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     set_threads(args.threads)
     lengths = draw_lengths(caption_token_counts(args.captions_file), args.batch_size, args.seed)
-    results = {"machine": machine_info(device), "settings": vars(args), "tiny_towers_from": tiny_towers()[3], "runs": []}
+    results = {
+        "machine": machine_info(device),
+        "settings": vars(args),
+        "tiny_towers_from": tiny_towers()[3],
+        "runs": [],
+    }
     logger.info("machine: %s", results["machine"])
     logger.info("caption tokens: mean %.1f, padded to %d", statistics.mean(lengths), max(lengths))
     for preset in args.presets:
         for variant in args.variants:
-            logger.info("%s / %s: %d warm-up + %d timed + %d breakdown steps at batch %d ...", preset, variant,
-                        args.warmup, args.steps, args.breakdown_steps, args.batch_size)  # fmt: skip
+            logger.info(
+                "%s / %s: %d warm-up + %d timed + %d breakdown steps at batch %d ...",
+                preset,
+                variant,
+                args.warmup,
+                args.steps,
+                args.breakdown_steps,
+                args.batch_size,
+            )
             job = {
                 "preset": preset,
                 "variant": variant,
@@ -311,18 +351,38 @@ def main(argv=None) -> dict:
         for name, value in run.get("breakdown_s", {}).items():
             row[name] = value
         rows.append(row)
-    logger.info("\n%s", format_table(rows, [
-        ("preset", "preset", ""), ("variant", "variant", ""), ("batch", "batch_size", "d"),
-        ("params M", "parameters_m", ".1f"), ("s/step", "median_s", ".3f"), ("samples/s", "samples_per_s", ".2f"),
-        ("head %", "head_share_pct", ".1f"), ("towers %", "towers_share_pct", ".1f"),
-        ("peak RSS MB", "peak_rss_mb", ".0f"), ("RSS growth MB", "growth_rss_mb", ".0f"),
-        ("CUDA peak MB", "cuda_peak_mb", ".0f"),
-    ]))  # fmt: skip
+    logger.info(
+        "\n%s",
+        format_table(
+            rows,
+            [
+                ("preset", "preset", ""),
+                ("variant", "variant", ""),
+                ("batch", "batch_size", "d"),
+                ("params M", "parameters_m", ".1f"),
+                ("s/step", "median_s", ".3f"),
+                ("samples/s", "samples_per_s", ".2f"),
+                ("head %", "head_share_pct", ".1f"),
+                ("towers %", "towers_share_pct", ".1f"),
+                ("peak RSS MB", "peak_rss_mb", ".0f"),
+                ("RSS growth MB", "growth_rss_mb", ".0f"),
+                ("CUDA peak MB", "cuda_peak_mb", ".0f"),
+            ],
+        ),
+    )
     if any("breakdown_s" in run for run in results["runs"]):
-        logger.info("\nbreakdown (seconds)\n%s", format_table(rows, [
-            ("preset", "preset", ""), ("variant", "variant", ""),
-            *[(name.replace("_", " "), name, ".3f") for name in BREAKDOWN_PARTS], ("sum", "breakdown_total_s", ".3f"),
-        ]))  # fmt: skip
+        logger.info(
+            "\nbreakdown (seconds)\n%s",
+            format_table(
+                rows,
+                [
+                    ("preset", "preset", ""),
+                    ("variant", "variant", ""),
+                    *[(name.replace("_", " "), name, ".3f") for name in BREAKDOWN_PARTS],
+                    ("sum", "breakdown_total_s", ".3f"),
+                ],
+            ),
+        )
     if args.json:
         write_json(args.json, results)
     return results

@@ -1,6 +1,6 @@
 """
 Benchmark of two-stage retrieval: a cheap first stage proposes the top-k candidates of every query, the exact SCTA
-head re-scores only those (`SCTATrainer.evaluate --rerank_top_k K`; design in RETRIEVAL.md).
+head re-scores only those (`SCTATrainer.evaluate --rerank_top_k K`; design in docs/RETRIEVAL.md).
 
 Part 1, recall (`--models DIR [DIR ...]`, trained models): on a test split (default: the demo's synthetic test,
 1,000 images / 5,000 captions), for each model
@@ -12,7 +12,7 @@ Part 1, recall (`--models DIR [DIR ...]`, trained models): on a test split (defa
   the re-ranked scores are checked against the exhaustive matrix).
   First stages: `global` (cosine of the model's global embeddings, `config.global_pooling`), `cls` (cosine of the
   projected [CLS] tokens), and `global>independent@N` (the global top N of every query, N in `--middle-n`,
-  re-ranked by the head with caption-independent patch selection on precomputed image key tokens, RETRIEVAL.md's
+  re-ranked by the head with caption-independent patch selection on precomputed image key tokens, docs/RETRIEVAL.md's
   middle stage).
 
 Part 2, scale (`--scale`): the paper's shapes with random weights (1 + 196 image tokens, width 512, K = 98,
@@ -32,14 +32,14 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-import benchlib  # noqa: F401  (puts the repository on sys.path)
+import benchlib
 from benchlib import format_table, logger, machine_info, matmul_peak_gflops, set_threads, timed, write_json
-
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel, cosine_similarity_matrix
-from processing_scta import RetrievalEvalCaptions, RetrievalEvalImages, SCTAProcessor
+from processing_scta import SCTAProcessor
 from scta_train.arguments import DataArguments
 from scta_train.data import load_retrieval_dataset
 from scta_train.metrics import retrieval_metrics
+from scta_train.processing import RetrievalEvalCaptions, RetrievalEvalImages
 from scta_train.retrieval import NON_CANDIDATE_OFFSET, encode_caption_corpus, encode_image_corpus, two_stage_rank
 
 
@@ -81,17 +81,27 @@ def evaluate_model(args, model_dir: str, split) -> dict:
             lambda: encode_image_corpus(model, images, args.batch_size, device), 1, device
         )
         (captions, caption_global), encode_captions_s = timed(
-            lambda: encode_caption_corpus(model, captions_view, args.batch_size, device, processor.tokenizer.pad_token_id),
+            lambda: encode_caption_corpus(
+                model, captions_view, args.batch_size, device, processor.tokenizer.pad_token_id
+            ),
             1,
             device,
         )
-        exhaustive_scores, exhaustive_s = timed(lambda: model.score(image_tokens, captions).float().cpu(), args.repeats, device)
+        exhaustive_scores, exhaustive_s = timed(
+            lambda: model.score(image_tokens, captions).float().cpu(), args.repeats, device
+        )
     exhaustive = retrieval_metrics(exhaustive_scores, caption_to_image)
     logger.info(
         "%s: %d images x %d captions; encoding %.1f s + %.1f s; exhaustive head %.2f s, R@1 %.1f / %.1f",
-        model_dir, num_images, num_captions, encode_images_s, encode_captions_s, exhaustive_s,
-        exhaustive["r1_i2t"], exhaustive["r1_t2i"],
-    )  # fmt: skip
+        model_dir,
+        num_images,
+        num_captions,
+        encode_images_s,
+        encode_captions_s,
+        exhaustive_s,
+        exhaustive["r1_i2t"],
+        exhaustive["r1_t2i"],
+    )
 
     def global_stage():
         return model.global_similarity(image_global, caption_global).float().cpu()
@@ -118,6 +128,7 @@ def evaluate_model(args, model_dir: str, split) -> dict:
     rows = []
     for name, (stage, middle_n) in stages.items():
         for k in args.ks:
+
             def run():
                 return two_stage_rank(stage(), caption_to_image, k, score_exact, middle_n, score_middle)
 
@@ -127,17 +138,30 @@ def evaluate_model(args, model_dir: str, split) -> dict:
             # the re-ranked candidates hold exact scores: the same entries as the exhaustive matrix
             exact = i2t > -NON_CANDIDATE_OFFSET + 1
             row = {
-                "model": model_dir, "stage": name, "k": k, **stats,
+                "model": model_dir,
+                "stage": name,
+                "k": k,
+                **stats,
                 "pair_reduction": num_images * num_captions / stats["head_pairs"],
-                "scoring_s": scoring_s, "speedup": exhaustive_s / scoring_s,
+                "scoring_s": scoring_s,
+                "speedup": exhaustive_s / scoring_s,
                 "max_abs_diff_vs_exhaustive": float((i2t[exact] - exhaustive_scores[exact]).abs().max()),
                 **{metric: metrics[metric] for metric in RECALLS},
                 "delta_r1_i2t": metrics["r1_i2t"] - exhaustive["r1_i2t"],
                 "delta_r1_t2i": metrics["r1_t2i"] - exhaustive["r1_t2i"],
-            }  # fmt: skip
+            }
             rows.append(row)
-            logger.info("%s k=%d: R@1 %.1f / %.1f (exhaustive %.1f / %.1f), %d head pairs, %.2f s", name, k,
-                        row["r1_i2t"], row["r1_t2i"], exhaustive["r1_i2t"], exhaustive["r1_t2i"], row["head_pairs"], scoring_s)  # fmt: skip
+            logger.info(
+                "%s k=%d: R@1 %.1f / %.1f (exhaustive %.1f / %.1f), %d head pairs, %.2f s",
+                name,
+                k,
+                row["r1_i2t"],
+                row["r1_t2i"],
+                exhaustive["r1_i2t"],
+                exhaustive["r1_t2i"],
+                row["head_pairs"],
+                scoring_s,
+            )
     return {
         "model": model_dir,
         "global_pooling": config.global_pooling,
@@ -147,8 +171,11 @@ def evaluate_model(args, model_dir: str, split) -> dict:
         "encode_images_s": encode_images_s,
         "encode_captions_s": encode_captions_s,
         "caption_independent_keys_s": image_keys_s,
-        "exhaustive": {**{name: exhaustive[name] for name in RECALLS}, "head_pairs": num_images * num_captions,
-                       "scoring_s": exhaustive_s},  # fmt: skip
+        "exhaustive": {
+            **{name: exhaustive[name] for name in RECALLS},
+            "head_pairs": num_images * num_captions,
+            "scoring_s": exhaustive_s,
+        },
         "rows": rows,
     }
 
@@ -177,7 +204,7 @@ def scale(args) -> dict:
         ids = torch.randint(1000, 20000, (1, args.caption_tokens), generator=generator).to(device)
         timed(lambda: bert(input_ids=ids), 1, device)  # warm-up
         results["text_tower_s"] = timed(lambda: bert(input_ids=ids), args.repeats, device)[1]
-        del bert
+        bert = None  # free its memory before the gallery
 
         # first stage, measured at every gallery size
         for size in args.gallery_sizes:
@@ -185,18 +212,22 @@ def scale(args) -> dict:
             for k in args.scale_ks:
                 _, seconds = timed(lambda: (gallery @ query_global[0]).topk(min(k, size)), args.repeats, device)
                 results["first_stage"].append({"gallery": size, "k": k, "seconds": seconds})
-            del gallery
+            gallery = None
 
         # the head on k candidate images of the query (independent of the gallery size), from float16 storage
         stored = torch.randn(max(args.scale_ks), 1 + num_patches, width, generator=generator).half().to(device)
         for k in args.scale_ks:
             image_index, caption_index = torch.arange(k), torch.zeros(k, dtype=torch.long)
             head.score_pairs(stored, captions, image_index, caption_index)  # warm-up
-            _, seconds = timed(lambda: head.score_pairs(stored, captions, image_index, caption_index), args.repeats, device)
+            _, seconds = timed(
+                lambda: head.score_pairs(stored, captions, image_index, caption_index), args.repeats, device
+            )
             results["head_on_candidates"].append({"k": k, "seconds": seconds})
 
         # exhaustive: every image of the gallery against the query, measured on a slice, projected
-        exhaustive_images = torch.randn(args.exhaustive_images, 1 + num_patches, width, generator=generator).half().to(device)
+        exhaustive_images = (
+            torch.randn(args.exhaustive_images, 1 + num_patches, width, generator=generator).half().to(device)
+        )
         head.score(exhaustive_images[:16], captions)  # warm-up
         _, seconds = timed(lambda: head.score(exhaustive_images, captions), 1, device)
         results["exhaustive_measured"] = {"images": args.exhaustive_images, "seconds": seconds}
@@ -207,9 +238,16 @@ def scale(args) -> dict:
     for row in results["first_stage"]:
         two_stage = results["text_tower_s"] + row["seconds"] + head_k[row["k"]]
         exhaustive = results["text_tower_s"] + results["exhaustive_per_image_s"] * row["gallery"]
-        latency.append({**row, "head_s": head_k[row["k"]], "text_tower_s": results["text_tower_s"],
-                        "two_stage_s": two_stage, "exhaustive_s": exhaustive,
-                        "exhaustive_measured": row["gallery"] <= args.exhaustive_images})  # fmt: skip
+        latency.append(
+            {
+                **row,
+                "head_s": head_k[row["k"]],
+                "text_tower_s": results["text_tower_s"],
+                "two_stage_s": two_stage,
+                "exhaustive_s": exhaustive,
+                "exhaustive_measured": row["gallery"] <= args.exhaustive_images,
+            }
+        )
     results["latency"] = latency
     return results
 
@@ -218,10 +256,16 @@ def scale(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--models", nargs="*", default=[], help="trained SCTA folders for part 1 (recall)")
-    parser.add_argument("--dataset-dir", default=None, help="a built dataset folder (default: the demo's synthetic set)")
-    parser.add_argument("--synthetic-train-images", type=int, default=16000, help="names the demo's cached synthetic set")
+    parser.add_argument(
+        "--dataset-dir", default=None, help="a built dataset folder (default: the demo's synthetic set)"
+    )
+    parser.add_argument(
+        "--synthetic-train-images", type=int, default=16000, help="names the demo's cached synthetic set"
+    )
     parser.add_argument("--split", default="test")
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument(
@@ -265,27 +309,60 @@ def main(argv=None) -> dict:
             logger.info(
                 "\n%s (global_pooling=%s, global_loss_weight=%s): exhaustive R@1/5/10 i2t %.1f/%.1f/%.1f t2i "
                 "%.1f/%.1f/%.1f rsum %.1f, %d pairs, %.2f s",
-                summary["model"], summary["global_pooling"], summary["global_loss_weight"],
-                *[exhaustive[name] for name in RECALLS], exhaustive["head_pairs"], exhaustive["scoring_s"],
-            )  # fmt: skip
-            logger.info(format_table(summary["rows"], [
-                ("stage", "stage", ""), ("k", "k", "d"), ("cand i2t", "candidate_recall_i2t", ".1f"),
-                ("cand t2i", "candidate_recall_t2i", ".1f"), ("R@1 i2t", "r1_i2t", ".1f"), ("R@5", "r5_i2t", ".1f"),
-                ("R@10", "r10_i2t", ".1f"), ("R@1 t2i", "r1_t2i", ".1f"), ("R@5 ", "r5_t2i", ".1f"),
-                ("R@10 ", "r10_t2i", ".1f"), ("dR@1 i2t", "delta_r1_i2t", "+.1f"), ("dR@1 t2i", "delta_r1_t2i", "+.1f"),
-                ("head pairs", "head_pairs", ",d"), ("fewer", "pair_reduction", ".1f"), ("middle pairs", "middle_pairs", ",d"),
-                ("scoring s", "scoring_s", ".2f"), ("faster", "speedup", ".1f"),
-            ]))  # fmt: skip
+                summary["model"],
+                summary["global_pooling"],
+                summary["global_loss_weight"],
+                *[exhaustive[name] for name in RECALLS],
+                exhaustive["head_pairs"],
+                exhaustive["scoring_s"],
+            )
+            logger.info(
+                format_table(
+                    summary["rows"],
+                    [
+                        ("stage", "stage", ""),
+                        ("k", "k", "d"),
+                        ("cand i2t", "candidate_recall_i2t", ".1f"),
+                        ("cand t2i", "candidate_recall_t2i", ".1f"),
+                        ("R@1 i2t", "r1_i2t", ".1f"),
+                        ("R@5", "r5_i2t", ".1f"),
+                        ("R@10", "r10_i2t", ".1f"),
+                        ("R@1 t2i", "r1_t2i", ".1f"),
+                        ("R@5 ", "r5_t2i", ".1f"),
+                        ("R@10 ", "r10_t2i", ".1f"),
+                        ("dR@1 i2t", "delta_r1_i2t", "+.1f"),
+                        ("dR@1 t2i", "delta_r1_t2i", "+.1f"),
+                        ("head pairs", "head_pairs", ",d"),
+                        ("fewer", "pair_reduction", ".1f"),
+                        ("middle pairs", "middle_pairs", ",d"),
+                        ("scoring s", "scoring_s", ".2f"),
+                        ("faster", "speedup", ".1f"),
+                    ],
+                )
+            )
     if args.scale:
         results["scale"] = scale(args)
-        logger.info("\nper text query at the paper's shapes (text tower %.3f s; exhaustive head %.2f ms per image, "
-                    "measured on %d images)", results["scale"]["text_tower_s"],
-                    1e3 * results["scale"]["exhaustive_per_image_s"], args.exhaustive_images)  # fmt: skip
-        logger.info(format_table(results["scale"]["latency"], [
-            ("gallery", "gallery", ",d"), ("k", "k", "d"), ("first stage s", "seconds", ".4f"),
-            ("head on k s", "head_s", ".4f"), ("two-stage s", "two_stage_s", ".3f"), ("exhaustive s", "exhaustive_s", ",.1f"),
-            ("exhaustive measured", "exhaustive_measured", ""),
-        ]))  # fmt: skip
+        logger.info(
+            "\nper text query at the paper's shapes (text tower %.3f s; exhaustive head %.2f ms per image, "
+            "measured on %d images)",
+            results["scale"]["text_tower_s"],
+            1e3 * results["scale"]["exhaustive_per_image_s"],
+            args.exhaustive_images,
+        )
+        logger.info(
+            format_table(
+                results["scale"]["latency"],
+                [
+                    ("gallery", "gallery", ",d"),
+                    ("k", "k", "d"),
+                    ("first stage s", "seconds", ".4f"),
+                    ("head on k s", "head_s", ".4f"),
+                    ("two-stage s", "two_stage_s", ".3f"),
+                    ("exhaustive s", "exhaustive_s", ",.1f"),
+                    ("exhaustive measured", "exhaustive_measured", ""),
+                ],
+            )
+        )
     if args.json:
         write_json(args.json, results)
     return results

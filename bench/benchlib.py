@@ -28,12 +28,11 @@ import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-# The real Flickr30K test captions, beside the repository (METHOD.md "Data").
-DEFAULT_CAPTIONS_FILE = REPO.parent / "shared/data/f30k/test_caps.txt"
-# METHOD.md recipe: "at most 90 tokens kept per caption" at evaluation.
+# The token-count histogram of the 5,000 real Flickr30K test captions, shipped with the benchmarks (docs/METHOD.md
+# "Data"); --captions-file draws from another one-caption-a-line file instead.
+CAPTION_LENGTHS_FILE = Path(__file__).resolve().parent / "f30k_test_caption_lengths.json"
+# docs/METHOD.md recipe: "at most 90 tokens kept per caption" at evaluation.
 EVAL_MAX_CAPTION_TOKENS = 90
 
 logger = logging.getLogger("bench")
@@ -47,18 +46,22 @@ def setup_logging() -> None:
 # Inputs
 
 
-def caption_token_counts(path: str | os.PathLike, max_tokens: int = EVAL_MAX_CAPTION_TOKENS) -> list[int]:
+def caption_token_counts(path: str | os.PathLike | None = None, max_tokens: int = EVAL_MAX_CAPTION_TOKENS) -> list[int]:
     """
-    Token count of every caption in a one-caption-a-line file: words + 2 ([CLS] and [SEP]), at most `max_tokens`.
+    Token count of every caption: words + 2 ([CLS] and [SEP]), at most `max_tokens`. Without `path`, the shipped
+    Flickr30K test histogram (`CAPTION_LENGTHS_FILE`), in increasing order; with it, a one-caption-a-line file.
 
     Whitespace words approximate BERT word pieces without needing the vocabulary (the Flickr30K test captions
     have 13.5 words on average, counting the final '.'; word pieces would be slightly more).
     """
+    if path is None:
+        histogram = json.loads(CAPTION_LENGTHS_FILE.read_text(encoding="utf-8"))["token_counts"]
+        return [min(int(count), max_tokens) for count, captions in histogram.items() for _ in range(captions)]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"caption file {path} not found. The benchmarks draw caption lengths from the Flickr30K test captions "
-            f"(default {DEFAULT_CAPTIONS_FILE}); pass --captions-file PATH to a one-caption-a-line file."
+            f"caption file {path} not found. Pass --captions-file PATH to a one-caption-a-line file, or leave it out "
+            f"to draw from the shipped Flickr30K test histogram ({CAPTION_LENGTHS_FILE.name})."
         )
     counts = [min(len(line.split()) + 2, max_tokens) for line in path.read_text(encoding="utf-8").splitlines()]
     counts = [count for count in counts if count > 2]
@@ -156,7 +159,9 @@ def summarize_seconds(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "all_s": seconds}
 
 
-def matmul_peak_gflops(device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
+def matmul_peak_gflops(
+    device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 3
+) -> float:
     """Best GFLOP/s of a plain `size`^3 `torch.matmul` (2 size^3 FLOPs) after one warm-up: the reference peak."""
     generator = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
@@ -220,7 +225,15 @@ class PeakMemory:
         return False
 
     def as_dict(self) -> dict:
-        names = ["start_rss_mb", "peak_rss_mb", "growth_rss_mb", "rss_method", "cuda_start_mb", "cuda_peak_mb", "cuda_growth_mb"]
+        names = [
+            "start_rss_mb",
+            "peak_rss_mb",
+            "growth_rss_mb",
+            "rss_method",
+            "cuda_start_mb",
+            "cuda_peak_mb",
+            "cuda_growth_mb",
+        ]
         return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
 
@@ -251,6 +264,7 @@ def set_threads(threads: int | None) -> None:
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A plain text table; `columns` are (header, key, format spec) and a missing value prints as '-'."""
+
     def cell(row, key, spec):
         value = row.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):

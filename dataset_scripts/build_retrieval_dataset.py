@@ -1,10 +1,10 @@
 """Build a Flickr30K / MSCOCO retrieval dataset (Karpathy splits) as a `datasets.DatasetDict`.
 
     python -m dataset_scripts.build_retrieval_dataset --format caption-files --dataset f30k \
-        --data_dir ../shared/data/f30k --image_dir /data/flickr30k-images --output_dir data/f30k
+        --data_dir data/karpathy/f30k --image_dir /data/flickr30k-images --output_dir data/f30k
 
 Inputs (`--format`):
-- `caption-files`: the layout of `../shared/data/` — `{split}_caps.txt` (one
+- `caption-files`: the layout the LAPS and SCTA research code distribute (docs/METHOD.md "Data") — `{split}_caps.txt` (one
   caption a line) and `{split}_ids.txt` (one image id a line, either one per
   caption or one per image with its captions consecutive). Flickr30K maps
   ids to file names with `id_mapping.json` in `--data_dir`; COCO file names
@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from dataset_scripts import FEATURES
 from processing_scta import decode_image
 
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
@@ -73,6 +74,7 @@ MAX_SKIPPED_FRACTION = 0.01
 DATASET_NAMES = {"f30k": "Flickr30K", "coco": "MSCOCO"}
 # How many offending items an error message or log line lists.
 MAX_LISTED = 5
+
 
 @dataclass
 class ImageRecord:
@@ -206,8 +208,8 @@ def _flickr30k_filenames(image_ids: list[int], mapping_path: Path, ids_path: Pat
     mapping = _read_json(mapping_path)
     if not isinstance(mapping, dict) or not all(isinstance(name, str) for name in mapping.values()):
         raise ValueError(
-            f"{mapping_path} must be a JSON object mapping image ids to file names, like {{\"1000092795\": "
-            f"\"1000092795.jpg\"}}; it holds a {type(mapping).__name__}"
+            f'{mapping_path} must be a JSON object mapping image ids to file names, like {{"1000092795": '
+            f'"1000092795.jpg"}}; it holds a {type(mapping).__name__}'
             + (" with values that are not file names." if isinstance(mapping, dict) else ".")
         )
     unknown = [image_id for image_id in image_ids if str(image_id) not in mapping]
@@ -225,7 +227,9 @@ def _read_json(path: Path):
         with open(path, encoding="utf-8-sig") as file:
             return json.load(file)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        ) from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 text ({error}).") from None
 
@@ -262,7 +266,7 @@ def read_karpathy_json(json_path: Path, dataset: str) -> tuple[dict[str, list[Im
         raise ValueError(f"--format karpathy-json needs {json_path}; check --data_dir and --dataset.")
     content = _read_json(json_path)
     if not isinstance(content, dict) or not isinstance(content.get("images"), list):
-        raise ValueError(f"{json_path} must be a JSON object with an \"images\" list (Karpathy's format).")
+        raise ValueError(f'{json_path} must be a JSON object with an "images" list (Karpathy\'s format).')
     id_key = "cocoid" if dataset == "coco" else "imgid"
     records: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
     num_trimmed = dict.fromkeys(SPLITS, 0)
@@ -285,7 +289,7 @@ def read_karpathy_json(json_path: Path, dataset: str) -> tuple[dict[str, list[Im
         captions = []
         for number, sentence in enumerate(image["sentences"]):
             if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
-                raise bad(f"sentence {number} must be an object with a \"raw\" string, got {sentence!r}")
+                raise bad(f'sentence {number} must be an object with a "raw" string, got {sentence!r}')
             captions.append(sentence["raw"].strip())
         if len(captions) < KARPATHY_JSON_CAPTIONS_PER_IMAGE or not all(captions[:KARPATHY_JSON_CAPTIONS_PER_IMAGE]):
             raise bad(
@@ -376,7 +380,9 @@ def _check_image_ids(records: dict[str, list[ImageRecord]]) -> None:
             owners[image_id].append(split)
     shared = {image_id: splits for image_id, splits in owners.items() if len(splits) > 1}
     if shared:
-        examples = ", ".join(f"{image_id} ({' and '.join(splits)})" for image_id, splits in list(shared.items())[:MAX_LISTED])
+        examples = ", ".join(
+            f"{image_id} ({' and '.join(splits)})" for image_id, splits in list(shared.items())[:MAX_LISTED]
+        )
         raise ValueError(
             f"{len(shared)} image ids are in more than one split, e.g. {examples}: a train/test leak would make "
             "the test recall meaningless. Use the files of one Karpathy split set."
@@ -570,13 +576,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace a non-empty --output_dir whole (default: refuse)"
     )
     parser.add_argument(
-        "--captions_per_image", type=int, default=CAPTIONS_PER_IMAGE,
+        "--captions_per_image",
+        type=int,
+        default=CAPTIONS_PER_IMAGE,
         help="captions every image must have (Flickr30K and MSCOCO: 5); 0 accepts any number, the same for all",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--max_skipped_fraction", type=float, default=MAX_SKIPPED_FRACTION,
+        "--max_skipped_fraction",
+        type=float,
+        default=MAX_SKIPPED_FRACTION,
         help="with --skip_missing: the largest share of a split's images that may be left out",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.captions_per_image < 0:
         parser.error(f"--captions_per_image must be >= 0, got {args.captions_per_image}")

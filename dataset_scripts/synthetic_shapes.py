@@ -51,6 +51,7 @@ import PIL.Image
 
 from dataset_scripts import FEATURES
 
+
 logger = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -225,7 +226,10 @@ def _describe_object_bare(shape_object: ShapeObject, rng: np.random.Generator, f
     position = POSITION_PHRASES[POSITIONS[shape_object.cell]][rng.integers(2)]
     template = BARE_TEMPLATES[rng.integers(len(BARE_TEMPLATES))]
     phrase = template.format(
-        size=size, colour=shape_object.colour, shape=shape_object.shape, position=position,
+        size=size,
+        colour=shape_object.colour,
+        shape=shape_object.shape,
+        position=position,
         article_size=_with_article(size),
     )
     return _with_article(phrase) if template.startswith("{size}") else phrase
@@ -240,9 +244,7 @@ def _describe_object_heavy(shape_object: ShapeObject, rng: np.random.Generator, 
     return f"{phrase}, {_with_article(modifier)} one"
 
 
-def describe_scene(
-    scene: tuple[ShapeObject, ...], rng: np.random.Generator, redundancy: str = "default"
-) -> list[str]:
+def describe_scene(scene: tuple[ShapeObject, ...], rng: np.random.Generator, redundancy: str = "default") -> list[str]:
     """`CAPTIONS_PER_IMAGE` different captions, each stating every object's attributes, with `redundancy`
     (one of `CAPTION_REDUNDANCY`) filler and modification around them."""
     if redundancy == "none":
@@ -409,9 +411,7 @@ def generate_synthetic_dataset(
     (`CAPTION_REDUNDANCY`) sets how much filler the captions carry.
     """
     if caption_redundancy not in CAPTION_REDUNDANCY:
-        raise ValueError(
-            f"caption_redundancy={caption_redundancy!r} is not one of {', '.join(CAPTION_REDUNDANCY)}."
-        )
+        raise ValueError(f"caption_redundancy={caption_redundancy!r} is not one of {', '.join(CAPTION_REDUNDANCY)}.")
     sizes = {"train": train_images, "dev": dev_images, "test": test_images}
     for split, num_images in sizes.items():
         if not 0 <= num_images < SPLIT_ID_OFFSET:
@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, help="where to save_to_disk the set (a datasets folder)")
     parser.add_argument(
-        "--png_dir", type=Path,
+        "--png_dir",
+        type=Path,
         help="also (or instead) write the images as files, SPLIT/NAME.png, with SPLIT/metadata.jsonl (file_name, captions)",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -452,7 +453,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--num_proc", type=int, default=None, help="processes rendering images (default: all cores)")
     parser.add_argument(
-        "--caption_redundancy", choices=CAPTION_REDUNDANCY, default="default",
+        "--caption_redundancy",
+        choices=CAPTION_REDUNDANCY,
+        default="default",
         help="how much filler and modification the captions carry (images do not change)",
     )
     args = parser.parse_args(argv)

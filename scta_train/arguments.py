@@ -11,6 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
@@ -59,11 +60,15 @@ class ModelArguments(HeadSettingArguments):
     )
     vision_config: str | None = field(
         default=None,
-        metadata={"help": "From scratch: image tower config as a dict (in a JSON file) or a JSON string, with model_type."},
+        metadata={
+            "help": "From scratch: image tower config as a dict (in a JSON file) or a JSON string, with model_type."
+        },
     )
     text_config: str | None = field(
         default=None,
-        metadata={"help": "From scratch: text tower config as a dict or JSON string; vocab_size comes from the tokenizer."},
+        metadata={
+            "help": "From scratch: text tower config as a dict or JSON string; vocab_size comes from the tokenizer."
+        },
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to use instead of the text tower's or the model folder's."}
@@ -75,7 +80,10 @@ class ModelArguments(HeadSettingArguments):
 
     def __post_init__(self):
         tower_sources = [
-            self.vision_model_name_or_path, self.vision_config, self.text_model_name_or_path, self.text_config
+            self.vision_model_name_or_path,
+            self.vision_config,
+            self.text_model_name_or_path,
+            self.text_config,
         ]
         if self.model_name_or_path is not None and any(source is not None for source in tower_sources):
             raise ValueError(
@@ -137,8 +145,10 @@ class DataArguments:
     )
     caption_column: str = field(
         default="captions",
-        metadata={"help": "Column of the captions: a list of captions per row, or one caption per row (rows of the "
-                  "same image are grouped)."},
+        metadata={
+            "help": "Column of the captions: a list of captions per row, or one caption per row (rows of the "
+            "same image are grouped)."
+        },
     )
     image_id_column: str | None = field(
         default=None,
@@ -146,8 +156,10 @@ class DataArguments:
     )
     split_column: str | None = field(
         default=None,
-        metadata={"help": "A column naming each row's split (e.g. 'split' with train/val/test in one Hub split); "
-                  "default: 'split' when the dataset has a single split and that column."},
+        metadata={
+            "help": "A column naming each row's split (e.g. 'split' with train/val/test in one Hub split); "
+            "default: 'split' when the dataset has a single split and that column."
+        },
     )
     synthetic_train_images: int = 8000
     synthetic_dev_images: int = 500
@@ -187,7 +199,9 @@ class DataArguments:
     max_eval_caption_tokens: int = field(default=EVAL_MAX_CAPTION_TOKENS, metadata={"help": "Paper: 90."})
     on_bad_image: str = field(
         default="error",
-        metadata={"help": "A training image that cannot be decoded: 'error' stops, 'skip' skips it with a counted warning."},
+        metadata={
+            "help": "A training image that cannot be decoded: 'error' stops, 'skip' skips it with a counted warning."
+        },
     )
     five_fold_test: bool | None = field(
         default=None,
@@ -229,7 +243,9 @@ class DataArguments:
                 f"{', '.join(CAPTION_REDUNDANCY)}."
             )
         if len(self.crop_scale) != 2:
-            raise ValueError(f"--crop_scale takes two numbers (smallest and largest area share), got {self.crop_scale}.")
+            raise ValueError(
+                f"--crop_scale takes two numbers (smallest and largest area share), got {self.crop_scale}."
+            )
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
 
@@ -276,7 +292,8 @@ class SCTATrainingArguments(TrainingArguments):
         default=0, metadata={"help": "Epoch during which the loss ramps linearly from 0 (None: no ramp)."}
     )
     max_nonfinite_steps: int = field(
-        default=10, metadata={"help": "Consecutive steps with a non-finite loss (each skipped) after which training stops."}
+        default=10,
+        metadata={"help": "Consecutive steps with a non-finite loss (each skipped) after which training stops."},
     )
     rerank_top_k: int = field(
         default=0,
@@ -309,7 +326,11 @@ class SCTATrainingArguments(TrainingArguments):
                 f"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got {self.max_steps} (0 would still "
                 "run one optimizer step and save a model)."
             )
+        if self.disable_tqdm is None and not sys.stderr.isatty():
+            self.disable_tqdm = True  # progress bars only on a terminal: in a log file they are kilobytes of escapes
         super().__post_init__()
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU (torch warns without one)
         if self.backbone_lr_scale < 0:
             raise ValueError(f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}.")
         if not 0 < self.lr_decay_factor <= 1:
@@ -361,7 +382,11 @@ def _fits(value, annotation) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, argument) for argument in arguments)
     if origin is list:
-        return isinstance(value, list) and all(_fits(item, arguments[0]) for item in value) if arguments else isinstance(value, list)
+        return (
+            isinstance(value, list) and all(_fits(item, arguments[0]) for item in value)
+            if arguments
+            else isinstance(value, list)
+        )
     if origin is dict:
         return isinstance(value, dict)
     if annotation is type(None):
@@ -388,7 +413,9 @@ def load_json_arguments(path: str) -> dict:
         with open(path, encoding="utf-8-sig") as file:
             config = json.load(file)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        ) from None
     except OSError as error:
         raise ValueError(f"Cannot read the config file {path}: {error.strerror}.") from None
     if not isinstance(config, dict):
@@ -400,7 +427,8 @@ def load_json_arguments(path: str) -> dict:
     unknown = [key for key in config if key not in annotations]
     if unknown:
         hints = "; ".join(
-            f"{key!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, annotations, 1)) else "")
+            f"{key!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, annotations, 1)) else "")
             for key in unknown
         )
         raise ValueError(f"{path} has keys that are not arguments of run_retrieval.py: {hints}. See --help.")
@@ -411,8 +439,8 @@ def load_json_arguments(path: str) -> dict:
             raise ValueError(
                 f"{path}: {key!r} is {json.dumps(value)}, but it must be {_expected_type(annotations[key])} "
                 f"(a JSON {'true/false' if annotations[key] is bool else 'value of that type'}, not a string)."
-                if isinstance(value, str) else
-                f"{path}: {key!r} is {json.dumps(value)}, but it must be {_expected_type(annotations[key])}."
+                if isinstance(value, str)
+                else f"{path}: {key!r} is {json.dumps(value)}, but it must be {_expected_type(annotations[key])}."
             )
     return config
 

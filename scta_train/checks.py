@@ -25,9 +25,11 @@ def check_output_dir(training_args: TrainingArguments, resume: str | None) -> No
         return
     entries = sorted(os.listdir(folder))
     model_files = [
-        name for name in entries
-        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") or name in ("model.safetensors", "model.safetensors.index.json", "trainer_state.json")
-    ]  # fmt: skip
+        name
+        for name in entries
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+        or name in ("model.safetensors", "model.safetensors.index.json", "trainer_state.json")
+    ]
     others = [name for name in entries if name not in model_files]
     existing = model_files + others if training_args.do_train else model_files  # the weights first
     if not existing:

@@ -15,7 +15,7 @@ import io
 import torch
 
 
-PACKAGE_HINT = "pip install eccv-caption (or pip install -e \".[coco]\")"
+PACKAGE_HINT = 'pip install eccv-caption (or pip install -e ".[coco]")'
 RECALL_KS = (1, 5, 10)
 
 

@@ -7,6 +7,7 @@ Loading retrieval datasets into the schema every view reads (`dataset_scripts.FE
 (the rows of one image are then grouped); any number of captions per image.
 """
 
+import csv
 import hashlib
 import logging
 import os
@@ -86,16 +87,23 @@ def caption_rows(captions_per_row) -> list[int]:
 
 
 # Split names of Hub datasets -> the run's split arguments.
-SPLIT_ALIASES = {"train": "train_split", "validation": "eval_split", "val": "eval_split", "dev": "eval_split",
-                 "test": "test_split"}
+SPLIT_ALIASES = {
+    "train": "train_split",
+    "validation": "eval_split",
+    "val": "eval_split",
+    "dev": "eval_split",
+    "test": "test_split",
+}
 IMAGE_ID_COLUMNS = ("image_id", "img_id", "imgid")
 
 
 def load_source(data_args: DataArguments) -> datasets.DatasetDict:
     """`--dataset_name` other than the synthetic set: a `save_to_disk` folder, or anything `load_dataset` reads."""
     name = data_args.dataset_name
-    if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "dataset_dict.json"))
-                                or os.path.isfile(os.path.join(name, "dataset_info.json"))):
+    if os.path.isdir(name) and (
+        os.path.isfile(os.path.join(name, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(name, "dataset_info.json"))
+    ):
         loaded = datasets.load_from_disk(name)
     else:
         try:
@@ -114,21 +122,50 @@ def load_metadata_files(data_args: DataArguments) -> datasets.DatasetDict:
     """Image folders described by metadata files (imagefolder's `metadata.jsonl` / `metadata.csv`): each row's
     `file_name` is an image path relative to its metadata file."""
     splits = {}
-    for split, path in ((data_args.train_split, data_args.train_file), (data_args.eval_split, data_args.validation_file),
-                        (data_args.test_split, data_args.test_file)):
+    for split, path in (
+        (data_args.train_split, data_args.train_file),
+        (data_args.eval_split, data_args.validation_file),
+        (data_args.test_split, data_args.test_file),
+    ):
         if path is None:
             continue
         if not os.path.isfile(path):
             raise ValueError(f"The metadata file {path} does not exist.")
-        rows = datasets.load_dataset("csv" if path.endswith(".csv") else "json", data_files=path, split="train")
+        if path.endswith(".csv"):
+            # every cell as written: "NA", "null", "None" or "nan" are captions like any other (no pandas NA parsing)
+            with open(path, encoding="utf-8", newline="") as file:
+                header = next(csv.reader(file), [])
+            text = datasets.Features({column: datasets.Value("string") for column in header})  # "123" stays a name
+            rows = datasets.load_dataset(
+                "csv", data_files=path, split="train", keep_default_na=False, na_filter=False, features=text
+            )
+        else:
+            rows = datasets.load_dataset("json", data_files=path, split="train")
         if "file_name" not in rows.column_names:
-            raise ValueError(f"{path} has no file_name column (it has {rows.column_names}); imagefolder metadata names "
-                             "each image's file, relative to the metadata file, in file_name.")
+            separator = next(
+                (sep for sep in (";", "\t", "|") if len(rows.column_names) == 1 and sep in rows.column_names[0]), None
+            )
+            hint = f" It looks {separator!r}-separated: metadata.csv is comma-separated." if separator else ""
+            raise ValueError(
+                f"{path} has no file_name column (it has {rows.column_names}); imagefolder metadata names "
+                f"each image's file, relative to the metadata file, in file_name.{hint}"
+            )
         folder = os.path.dirname(os.path.abspath(path))
+        for index, name in enumerate(rows["file_name"]):
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{path}, row {index}: file_name must be a file name (text), got {name!r}.")
+            inside = os.path.normpath(os.path.join(folder, name))
+            if os.path.isabs(name) or not inside.startswith(folder + os.sep):
+                raise ValueError(
+                    f"{path}, row {index}: file_name {name!r} must be a path relative to {folder} and inside "
+                    "it (no absolute paths, no '..')."
+                )
         missing = [name for name in rows["file_name"] if not os.path.isfile(os.path.join(folder, name))]
         if missing:
-            raise ValueError(f"{len(missing)} image file(s) named in {path} do not exist, e.g. {missing[0]!r} "
-                             f"(file_name is relative to {folder}).")
+            raise ValueError(
+                f"{len(missing)} image file(s) named in {path} do not exist, e.g. {missing[0]!r} "
+                f"(file_name is relative to {folder})."
+            )
         rows = rows.map(lambda row: {"_path": os.path.join(folder, row["file_name"])})
         splits[split] = rows.cast_column("_path", datasets.Image())
     return datasets.DatasetDict(splits)
@@ -146,12 +183,53 @@ def to_retrieval_schema(dataset: datasets.DatasetDict, data_args: DataArguments)
         if split_column not in only.column_names:
             raise ValueError(f"--split_column {split_column!r} is not a column; the columns are {only.column_names}.")
         values = only.unique(split_column)
-        dataset = datasets.DatasetDict({value: only.filter(lambda v: v == value, input_columns=split_column) for value in values})
-    renamed = {}
+        unnamed = [
+            index for index, value in enumerate(only[split_column]) if not isinstance(value, str) or not value.strip()
+        ]
+        if unnamed:
+            raise ValueError(
+                f"{len(unnamed)} row(s) have no {split_column!r} value (null or empty), e.g. row {unnamed[0]}: "
+                "every row must name its split (train, dev/val/validation, test)."
+            )
+        dataset = datasets.DatasetDict(
+            {value: only.filter(lambda v: v == value, input_columns=split_column) for value in values}
+        )
+    renamed, sources = {}, {}
     for name, split in dataset.items():
         target = getattr(data_args, SPLIT_ALIASES[name]) if name in SPLIT_ALIASES else name
-        renamed[target] = _retrieval_split(split, name, data_args, FEATURES)
+        if target in renamed:
+            raise ValueError(
+                f"The splits {sources[target]!r} and {name!r} both map to {target!r}: keep one of them (or "
+                "name the other differently), so that neither silently replaces the other."
+            )
+        renamed[target], sources[target] = _retrieval_split(split, name, data_args, FEATURES), name
+    check_no_leak(renamed)
     return datasets.DatasetDict(renamed)
+
+
+def check_no_leak(splits: dict) -> None:
+    """Refuse an image that is in the training split and in an evaluation split: recall would be inflated."""
+
+    def identities(split) -> dict:
+        images = split.cast_column("image", datasets.Image(decode=False))["image"]
+        return {
+            (image["path"] and os.path.abspath(image["path"])) or hashlib.sha1(image["bytes"]).hexdigest(): index
+            for index, image in enumerate(images)
+        }
+
+    train = next((splits[name] for name in splits if name == "train"), None)
+    if train is None:
+        return
+    seen = identities(train)
+    for name, split in splits.items():
+        if name == "train":
+            continue
+        shared = [key for key in identities(split) if key in seen]
+        if shared:
+            raise ValueError(
+                f"{len(shared)} image(s) are in both the train and the {name!r} split, e.g. {shared[0]}: a "
+                "train/test leak would inflate recall. Remove them from one of the splits."
+            )
 
 
 def _retrieval_split(split: datasets.Dataset, name: str, data_args: DataArguments, features) -> datasets.Dataset:
@@ -159,11 +237,15 @@ def _retrieval_split(split: datasets.Dataset, name: str, data_args: DataArgument
     caption_column = data_args.caption_column
     for column, option in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column not in split.column_names:
-            raise ValueError(f"The {name!r} split has no column {column!r} ({option}); its columns are {split.column_names}.")
+            raise ValueError(
+                f"The {name!r} split has no column {column!r} ({option}); its columns are {split.column_names}."
+            )
     split = split.cast_column(image_column, datasets.Image(decode=False))
     id_column = data_args.image_id_column or next((c for c in IMAGE_ID_COLUMNS if c in split.column_names), None)
     if data_args.image_id_column is not None and id_column not in split.column_names:
-        raise ValueError(f"--image_id_column {id_column!r} is not a column of the {name!r} split ({split.column_names}).")
+        raise ValueError(
+            f"--image_id_column {id_column!r} is not a column of the {name!r} split ({split.column_names})."
+        )
     if id_column is not None:
         keys = split[id_column]
     else:  # the image's file, or its bytes
@@ -177,8 +259,15 @@ def _retrieval_split(split: datasets.Dataset, name: str, data_args: DataArgument
     def captions_of(value, index) -> list[str]:
         texts = [value] if isinstance(value, str) else list(value or [])
         if not all(isinstance(text, str) for text in texts):
-            raise ValueError(f"Row {index} of the {name!r} split: --caption_column {caption_column!r} must hold strings "
-                             f"or lists of strings, got {value!r}.")
+            raise ValueError(
+                f"Row {index} of the {name!r} split: --caption_column {caption_column!r} must hold strings "
+                f"or lists of strings, got {value!r}."
+            )
+        if not all(text.strip() for text in texts):
+            raise ValueError(
+                f"Row {index} of the {name!r} split: an empty caption in --caption_column {caption_column!r} "
+                "(an empty CSV cell or JSON string); every caption must have text."
+            )
         return texts
 
     grouped: dict[int, list[str]] = {}
@@ -202,8 +291,11 @@ def _retrieval_split(split: datasets.Dataset, name: str, data_args: DataArgument
 
     result = split.select(image_rows) if len(image_rows) < len(split) else split
     result = result.map(
-        lambda row, position: convert(row, image_rows[position]), with_indices=True,
-        remove_columns=result.column_names, features=features, desc=f"Preparing the {name} split",
+        lambda row, position: convert(row, image_rows[position]),
+        with_indices=True,
+        remove_columns=result.column_names,
+        features=features,
+        desc=f"Preparing the {name} split",
     )
     logger.info("Split %r: %d images, %d captions", name, len(result), sum(len(t) for t in grouped.values()))
     return result

@@ -1,7 +1,9 @@
 """Retrieval metrics: ranks, Recall@K, median and mean rank, rsum, the 5-fold 1K protocol, the evaluation loss."""
 
+import functools
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,6 +11,17 @@ from transformers import EvalPrediction
 
 
 logger = logging.getLogger(__name__)
+
+# Recall@K as an `evaluate` module (scta_train/retrieval_recall.py), loaded from its file: offline, and reusable by any
+# retrieval project with `evaluate.load(path)`.
+RECALL_METRIC_PATH = str(Path(__file__).with_name("retrieval_recall.py"))
+
+
+@functools.lru_cache(maxsize=1)
+def recall_metric():
+    import evaluate
+
+    return evaluate.load(RECALL_METRIC_PATH)
 
 
 def retrieval_ranks(
@@ -53,16 +66,11 @@ def retrieval_ranks(
 
 
 def recall_summary(image_to_text: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, float]:
-    """R@1/5/10 (%), medr = floor(median rank) + 1, meanr = mean rank + 1, rsum = sum of the six recalls."""
-    metrics = {}
-    for direction, ranks in (("i2t", image_to_text), ("t2i", text_to_image)):
-        ranks = ranks.double()
-        for k in (1, 5, 10):
-            metrics[f"r{k}_{direction}"] = 100.0 * float((ranks < k).double().mean())
-        metrics[f"medr_{direction}"] = float(np.floor(np.median(ranks.numpy())) + 1)
-        metrics[f"meanr_{direction}"] = float(ranks.mean() + 1)
-    metrics["rsum"] = sum(metrics[f"r{k}_{d}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return metrics
+    """R@1/5/10 (%), medr = floor(median rank) + 1, meanr = mean rank + 1, rsum = sum of the six recalls, by the
+    `evaluate` metric `retrieval_recall` (one example per query: its positive's rank and its direction)."""
+    ranks = torch.cat([image_to_text.long(), text_to_image.long()]).numpy()
+    directions = np.concatenate([np.zeros(len(image_to_text), np.int8), np.ones(len(text_to_image), np.int8)])
+    return recall_metric().compute(predictions=ranks, references=directions)
 
 
 def retrieval_metrics(
@@ -71,7 +79,7 @@ def retrieval_metrics(
     """
     Recall metrics of a score matrix (or of one matrix per direction, `text_to_image_scores`). With `five_fold`
     (default: when there are exactly 5 x `fold_size` images, the MSCOCO 5K test), also the mean over the five
-    1K folds as `1k_*` (METHOD.md "Evaluation").
+    1K folds as `1k_*` (docs/METHOD.md "Evaluation").
     """
     scores, caption_to_image = torch.as_tensor(scores), torch.as_tensor(caption_to_image).long()
     if text_to_image_scores is not None:
@@ -84,10 +92,14 @@ def retrieval_metrics(
             raise ValueError(f"5-fold evaluation needs 5 x {fold_size} images, got {scores.shape[0]}.")
         folds = []
         for fold in range(5):
-            captions = ((caption_to_image >= fold * fold_size) & (caption_to_image < (fold + 1) * fold_size)).nonzero()[:, 0]
+            captions = ((caption_to_image >= fold * fold_size) & (caption_to_image < (fold + 1) * fold_size)).nonzero()[
+                :, 0
+            ]
             rows = slice(fold * fold_size, (fold + 1) * fold_size)
             fold_t2i = None if text_to_image_scores is None else text_to_image_scores[rows][:, captions]
-            fold_ranks = retrieval_ranks(scores[rows][:, captions], caption_to_image[captions] - fold * fold_size, fold_t2i)
+            fold_ranks = retrieval_ranks(
+                scores[rows][:, captions], caption_to_image[captions] - fold * fold_size, fold_t2i
+            )
             folds.append(recall_summary(*fold_ranks))
         metrics.update({f"1k_{name}": float(np.mean([fold[name] for fold in folds])) for name in folds[0]})
     return metrics
@@ -100,11 +112,16 @@ def compute_retrieval_metrics(prediction: EvalPrediction, five_fold: bool | None
     """
     predictions = prediction.predictions
     image_to_text, text_to_image = predictions if isinstance(predictions, tuple) else (predictions, None)
-    return retrieval_metrics(image_to_text, prediction.label_ids, five_fold=five_fold, text_to_image_scores=text_to_image)
+    return retrieval_metrics(
+        image_to_text, prediction.label_ids, five_fold=five_fold, text_to_image_scores=text_to_image
+    )
 
 
 def retrieval_eval_loss(
-    scores: torch.Tensor, caption_to_image: torch.Tensor, margin: float, text_to_image_scores: torch.Tensor | None = None
+    scores: torch.Tensor,
+    caption_to_image: torch.Tensor,
+    margin: float,
+    text_to_image_scores: torch.Tensor | None = None,
 ) -> float:
     """
     The training objective (hinge, hardest negative) over a whole evaluation set, per caption: for every
@@ -126,7 +143,3 @@ def retrieval_eval_loss(
     image_to_text = (margin + hardest_caption[caption_to_image] - positive_scores).clamp_min(0)
     text_to_image = (margin + hardest_image - t2i_scores[caption_to_image, columns]).clamp_min(0)
     return float((image_to_text + text_to_image).mean())
-
-
-# SCTA scores lie in [-0.2, 2] (two means of leaky-ReLU cosines); cosine - 3 lies in [-4, -2]. Non-candidates
-# of a two-stage ranking get that value: below every re-ranked candidate, in first-stage order among themselves.

@@ -27,11 +27,16 @@ def eval_results(retrieval_results: dict, dataset_name: str, dataset_id: str | N
             if key in metrics:
                 results.append(
                     EvalResult(
-                        task_type="image-text-retrieval", task_name="Image-text retrieval",
-                        dataset_type=dataset_id or dataset_name, dataset_name=dataset_name, dataset_split=split,
-                        metric_type=metric_type, metric_name=f"{metric_name} ({split})", metric_value=round(metrics[key], 2),
+                        task_type="image-text-retrieval",
+                        task_name="Image-text retrieval",
+                        dataset_type=dataset_id or dataset_name,
+                        dataset_name=dataset_name,
+                        dataset_split=split,
+                        metric_type=metric_type,
+                        metric_name=f"{metric_name} ({split})",
+                        metric_value=round(metrics[key], 2),
                     )
-                )  # fmt: skip
+                )
     return results
 
 
@@ -62,7 +67,7 @@ def card_section(config: SCTAConfig, retrieval_results: dict) -> str:
         "```",
         "",
         "`trust_remote_code=True` runs this repo's `configuration_scta.py`, `modeling_scta.py` and "
-        "`processing_scta.py`; read them, and pin a reviewed commit with `revision=\"<commit sha>\"`.",
+        '`processing_scta.py`; read them, and pin a reviewed commit with `revision="<commit sha>"`.',
         "",
     ]
     return "\n".join(lines)

@@ -7,8 +7,9 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from configuration_scta import SCTAConfig
 from modeling_scta import SCTAModel, load_pretrained_tower, tower_from_config
-from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
+from processing_scta import SCTAProcessor
 from scta_train.arguments import ModelArguments
+from scta_train.processing import train_wordpiece_tokenizer
 
 
 logger = logging.getLogger(__name__)

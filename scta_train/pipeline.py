@@ -16,13 +16,13 @@ from accelerate import PartialState
 from transformers.trainer_utils import IntervalStrategy
 
 from configuration_scta import SHAPE_SETTINGS
-from processing_scta import CaptionAugmenter, ImageTrainTransform, RetrievalCollator, RetrievalTrainDataset
 from scta_train.arguments import SYNTHETIC_DATASET_NAME
 from scta_train.checks import check_launch, check_output_dir, check_splits
 from scta_train.coco_extended import coco_metrics_hook
 from scta_train.data import load_retrieval_dataset
 from scta_train.metrics import compute_retrieval_metrics
 from scta_train.models import build_model, build_processor, load_scta_config
+from scta_train.processing import CaptionAugmenter, ImageTrainTransform, RetrievalCollator, RetrievalTrainDataset
 from scta_train.results import format_results
 from scta_train.trainer import SCTATrainer, is_complete_checkpoint, last_complete_checkpoint
 
@@ -43,6 +43,9 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
     if training_args.log_level != "passive":
         transformers.utils.logging.set_verbosity(log_level)
         datasets.utils.logging.set_verbosity(log_level)
+    if training_args.disable_tqdm:  # also the bars of datasets and of transformers' weight loading and saving
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     logger.info(
         "Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device
     )
@@ -54,8 +57,10 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
     if resume is not None and str(resume).lower() in ("true", "last"):
         resume = last_complete_checkpoint(training_args.output_dir)
         if resume is None:
-            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete "
-                             f"checkpoint in {training_args.output_dir}.")
+            raise ValueError(
+                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete "
+                f"checkpoint in {training_args.output_dir}."
+            )
     elif resume is not None and not is_complete_checkpoint(resume):
         raise ValueError(
             f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (no readable trainer_state.json "
@@ -85,7 +90,8 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
             raise ValueError(
                 "--" + ", --".join(f"{name} {getattr(model_args, name)}" for name in changed) + " would change the "
                 f"shape of weights of the trained model {model_args.model_name_or_path} (which has "
-                + ", ".join(f"{name}={getattr(saved, name)}" for name in changed) + "). Drop the override, or start "
+                + ", ".join(f"{name}={getattr(saved, name)}" for name in changed)
+                + "). Drop the override, or start "
                 "from pretrained towers (--vision_model_name_or_path / --text_model_name_or_path) to train another head."
             )
     dataset = load_retrieval_dataset(data_args, training_args)
@@ -101,7 +107,12 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
     eval_split_name = data_args.test_split if data_args.select_on_test else data_args.eval_split
     if data_args.select_on_test:
         logger.warning("--select_on_test: checkpoints are selected on the TEST split, as the published code did.")
-    if not training_args.do_train and training_args.do_eval and training_args.do_predict and eval_split_name not in dataset:
+    if (
+        not training_args.do_train
+        and training_args.do_eval
+        and training_args.do_predict
+        and eval_split_name not in dataset
+    ):
         # --do_eval is on by default (TrainingArguments sets it with the default eval_strategy); a test-only dataset
         # evaluated with --do_predict has nothing else to do.
         logger.info("The dataset has no %r split: evaluating the %r split only.", eval_split_name, data_args.test_split)
@@ -138,7 +149,8 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
     if eval_max_caption_tokens < data_args.max_eval_caption_tokens:
         logger.info(
             "Evaluation captions keep at most %d tokens (the text tower's max_position_embeddings), not %d.",
-            eval_max_caption_tokens, data_args.max_eval_caption_tokens,
+            eval_max_caption_tokens,
+            data_args.max_eval_caption_tokens,
         )
     trainer = SCTATrainer(
         model=model,
@@ -152,8 +164,10 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
         extra_metrics={"test": coco_metrics_hook(data_args.eccv_pm_dir)} if data_args.coco_extended_metrics else None,
     )
 
-    # 4. Train. Results carry the seed the model was trained with (for aggregating runs of several seeds).
+    # 4. Train. Results carry the seed the model was trained with and the setting (data and head) they belong to,
+    # so that aggregating runs of several seeds never mixes settings.
     seed = {"seed": training_args.seed} if training_args.do_train else training_seed(model_args.model_name_or_path)
+    setting = {"setting": run_setting(data_args, model.config)}  # saved with the results, not logged
     results = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -165,9 +179,9 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
             **seed,
         )
         trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
+        trainer.save_metrics("train", {**train_metrics, **setting})
         trainer.save_state()
-        results.update(train_metrics)
+        results.update(train_metrics, **setting)
 
     # 5. Evaluate on the selection split and, once, on the test split.
     splits = []
@@ -177,10 +191,15 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
         splits.append(("test", dataset[data_args.test_split]))
     for prefix, split in splits:
         metrics = {**trainer.evaluate(split, metric_key_prefix=prefix), **seed}
-        trainer.save_metrics(prefix, metrics)
-        logger.info("Retrieval on %s (%d images, %d captions):\n%s", prefix, len(split),
-                    sum(len(c) for c in split["captions"]), format_results(metrics, prefix))
-        results.update(metrics)
+        trainer.save_metrics(prefix, {**metrics, **setting})
+        logger.info(
+            "Retrieval on %s (%d images, %d captions):\n%s",
+            prefix,
+            len(split),
+            sum(len(c) for c in split["captions"]),
+            format_results(metrics, prefix),
+        )
+        results.update(metrics, **setting)
 
     # 6. Model card (with the results above) and Hub.
     if training_args.do_train:
@@ -189,12 +208,45 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
             tags=["scta", "image-text-retrieval"],
             dataset_name=data_args.dataset_name or Path(data_args.dataset_dir or data_args.train_file or "data").name,
             dataset_id=hub_dataset_id(data_args.dataset_name),
-            base_models=[name for name in (model_args.vision_model_name_or_path, model_args.text_model_name_or_path)
-                         if name and not Path(name).exists()],  # Hub ids only, not local folders
+            base_models=[
+                name
+                for name in (model_args.vision_model_name_or_path, model_args.text_model_name_or_path)
+                if name and not Path(name).exists()
+            ],  # Hub ids only, not local folders
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="SCTA: end of training", tags=["scta", "image-text-retrieval"])
     return results
+
+
+def run_setting(data_args, config) -> dict:
+    """What identifies a run's setting for aggregation: the data it was evaluated on and the model's head settings."""
+    from configuration_scta import HEAD_SETTINGS
+
+    if data_args.dataset_name == SYNTHETIC_DATASET_NAME or not (
+        data_args.dataset_name or data_args.dataset_dir or data_args.train_file or data_args.test_file
+    ):
+        data = {
+            "dataset": SYNTHETIC_DATASET_NAME,
+            **{
+                name: getattr(data_args, name)
+                for name in (
+                    "synthetic_train_images",
+                    "synthetic_dev_images",
+                    "synthetic_test_images",
+                    "synthetic_image_size",
+                    "synthetic_seed",
+                    "synthetic_caption_redundancy",
+                )
+            },
+        }
+    else:
+        source = data_args.dataset_name or data_args.dataset_dir or data_args.test_file or data_args.train_file
+        data = {
+            "dataset": str(Path(source).resolve()) if Path(source).exists() else source,
+            "config": data_args.dataset_config_name,
+        }
+    return {"data": data, "head": {name: getattr(config, name) for name in HEAD_SETTINGS}}
 
 
 def hub_dataset_id(dataset_name: str | None) -> str | None:
@@ -222,4 +274,3 @@ def leave_process_group() -> None:
         state = PartialState()  # the Trainer's; its barrier names each process's device, as NCCL wants
         state.wait_for_everyone()
         state.destroy_process_group()
-

@@ -9,8 +9,13 @@ from pathlib import Path
 
 RECALL_COLUMNS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum")
 COLUMN_TITLES = {
-    "r1_i2t": "I2T R@1", "r5_i2t": "I2T R@5", "r10_i2t": "I2T R@10",
-    "r1_t2i": "T2I R@1", "r5_t2i": "T2I R@5", "r10_t2i": "T2I R@10", "rsum": "rsum",
+    "r1_i2t": "I2T R@1",
+    "r5_i2t": "I2T R@5",
+    "r10_i2t": "I2T R@10",
+    "r1_t2i": "T2I R@1",
+    "r5_t2i": "T2I R@5",
+    "r10_t2i": "T2I R@10",
+    "rsum": "rsum",
 }
 
 
@@ -20,8 +25,10 @@ def render_table(header: list[str], rows: list[list[str]], markdown: bool) -> st
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
     def line(cells):
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header)] + [line(row) for row in rows])
 
 
@@ -77,33 +84,73 @@ def render_run_results(metrics: dict, prefix: str, markdown: bool) -> str:
         if f"{prefix}_{name}_i2t" in metrics
     ]
     if extended:
-        table = render_table(["metric", "image → text" if markdown else "image -> text", "text → image" if markdown else "text -> image"], extended, markdown)
-        parts.append(f"## Extended COCO metrics: {prefix} split\n\n{table}" if markdown else f"{prefix} extended COCO metrics\n{table}")
+        table = render_table(
+            [
+                "metric",
+                "image → text" if markdown else "image -> text",
+                "text → image" if markdown else "text -> image",
+            ],
+            extended,
+            markdown,
+        )
+        parts.append(
+            f"## Extended COCO metrics: {prefix} split\n\n{table}"
+            if markdown
+            else f"{prefix} extended COCO metrics\n{table}"
+        )
     return "\n\n".join(parts)
 
 
 def load_run_results(folder: str | os.PathLike) -> dict:
-    """`all_results.json` of a `run_retrieval.py` output folder."""
+    """`all_results.json` of a `run_retrieval.py` output folder; a missing or malformed file is an error naming it."""
     path = Path(folder) / "all_results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not a finished run_retrieval.py output folder.")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}): re-run the evaluation into a new output folder."
+        ) from error
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} holds {type(results).__name__}, not the results object run_retrieval.py writes.")
+    return results
 
 
-def aggregate_runs(folders, prefix: str = "test", names=RECALL_COLUMNS) -> dict:
+def aggregate_runs(folders, prefix: str = "test", names=RECALL_COLUMNS, allow_mixed_settings: bool = False) -> dict:
     """
     Mean and sample standard deviation (ddof 1) of `{prefix}_{name}` over the runs in `folders`:
-    `{name: {"mean", "std", "n", "values", "seeds"}}`. The runs must have different seeds (their results carry
-    it); a metric missing from a run is an error naming the run.
+    `{name: {"mean", "std", "n", "values", "seeds"}}`. Refused: the same folder twice, runs without a seed (one
+    training could then count twice), two runs of one seed, and runs of different settings (data or head settings,
+    which the results carry) unless `allow_mixed_settings`; a metric missing from a run is an error naming the run.
     """
-    results = [(Path(folder), load_run_results(folder)) for folder in folders]
-    if not results:
+    folders = [Path(folder) for folder in folders]
+    if not folders:
         raise ValueError("aggregate_runs needs at least one run folder.")
+    resolved = [folder.resolve() for folder in folders]
+    twice = sorted({str(f) for f in resolved if resolved.count(f) > 1})
+    if twice:
+        raise ValueError(f"run folder(s) given more than once would count twice: {twice}.")
+    results = [(folder, load_run_results(folder)) for folder in folders]
     seeds = [result.get("seed") for _, result in results]
-    known = [seed for seed in seeds if seed is not None]
-    if len(set(known)) < len(known):
-        repeated = sorted({seed for seed in known if known.count(seed) > 1})
+    unseeded = [str(folder) for folder, result in results if result.get("seed") is None]
+    if unseeded:
+        raise ValueError(
+            f"{unseeded[0]} has no seed in its results (an evaluation of a model whose training run is "
+            "unknown): it cannot be told apart from another evaluation of the same training, which would "
+            "count twice. Aggregate runs trained by run_retrieval.py."
+        )
+    if len(set(seeds)) < len(seeds):
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
         raise ValueError(f"runs with the same seed {repeated} would count twice: {[str(f) for f, _ in results]}.")
+    settings = {json.dumps(result.get("setting"), sort_keys=True, default=str): folder for folder, result in results}
+    if len(settings) > 1 and not allow_mixed_settings:
+        (first, a), (second, b) = list(settings.items())[:2]
+        difference = describe_difference(json.loads(first), json.loads(second))
+        raise ValueError(
+            f"{a} and {b} were run in different settings ({difference}): their mean would mix them. Group "
+            "them separately (--group), or pass --allow_mixed_settings if that is what you want."
+        )
     aggregate = {}
     for name in names:
         key = f"{prefix}_{name}" if prefix else name
@@ -122,6 +169,15 @@ def aggregate_runs(folders, prefix: str = "test", names=RECALL_COLUMNS) -> dict:
     return aggregate
 
 
+def describe_difference(first, second, where: str = "") -> str:
+    """The first place two settings differ, e.g. `head.word_aggregation: True vs False`."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        for key in sorted(set(first) | set(second)):
+            if first.get(key) != second.get(key):
+                return describe_difference(first.get(key), second.get(key), f"{where}.{key}" if where else key)
+    return f"{where or 'setting'}: {first!r} vs {second!r}"
+
+
 def render_aggregate_table(groups: dict, prefix: str = "test", markdown: bool = True, columns=RECALL_COLUMNS) -> str:
     """One row per group of runs (`{label: aggregate_runs(...)}`): mean ± std of each recall column, seed count."""
     header = ["runs"] + [COLUMN_TITLES.get(name, name) for name in columns] + ["seeds"]
@@ -130,8 +186,6 @@ def render_aggregate_table(groups: dict, prefix: str = "test", markdown: bool = 
         for label, aggregate in groups.items()
     ]
     return render_table(header, rows, markdown)
-
-
 
 
 def format_results(metrics: dict, prefix: str) -> str:

@@ -7,12 +7,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from modeling_scta import CaptionKeyTokens, SCTAModel
-from processing_scta import RetrievalCollator
+from scta_train.processing import RetrievalCollator
 
 
 logger = logging.getLogger(__name__)
 
 
+# SCTA scores lie in [-0.2, 2] (two means of leaky-ReLU cosines); cosine - 3 lies in [-4, -2]. Non-candidates
+# of a two-stage ranking get that value: below every re-ranked candidate, in first-stage order among themselves.
 NON_CANDIDATE_OFFSET = 3.0
 
 
@@ -30,7 +32,9 @@ def encode_image_corpus(model: SCTAModel, images, batch_size: int, device, num_w
         global_embeds.append(features.pooler_output)
     width = model.config.embed_size
     if not tokens:
-        return torch.zeros(0, model.config.num_patches + int(model.config.vision_has_cls_token), width), torch.zeros(0, width)
+        return torch.zeros(0, model.config.num_patches + int(model.config.vision_has_cls_token), width), torch.zeros(
+            0, width
+        )
     return torch.cat(tokens), torch.cat(global_embeds)
 
 
@@ -74,7 +78,7 @@ def candidate_recall(
     caption with its image. Two-stage retrieval can only lose a hit whose positive is not a candidate.
     """
     caption_to_image = caption_to_image.to(top_captions.device)
-    image_hit = (caption_to_image[top_captions] == torch.arange(len(top_captions), device=top_captions.device)[:, None])
+    image_hit = caption_to_image[top_captions] == torch.arange(len(top_captions), device=top_captions.device)[:, None]
     caption_hit = top_images == caption_to_image[:, None]
     return 100.0 * float(image_hit.any(1).float().mean()), 100.0 * float(caption_hit.any(1).float().mean())
 
@@ -152,8 +156,12 @@ def two_stage_rank(
     top_captions = first_stage_candidates(image_to_text_stage, top_k)[0]
     top_images = first_stage_candidates(text_to_image_stage, top_k)[1]
     del image_to_text_stage, text_to_image_stage
-    stats["candidate_recall_i2t"], stats["candidate_recall_t2i"] = candidate_recall(top_captions, top_images, caption_to_image)
+    stats["candidate_recall_i2t"], stats["candidate_recall_t2i"] = candidate_recall(
+        top_captions, top_images, caption_to_image
+    )
     pair_keys, inverse, exact_scores = scored(top_captions, top_images, score_exact)
     stats["head_pairs"] = len(pair_keys)
-    image_to_text, text_to_image = two_stage_score_matrices(global_scores, top_captions, top_images, exact_scores, inverse)
+    image_to_text, text_to_image = two_stage_score_matrices(
+        global_scores, top_captions, top_images, exact_scores, inverse
+    )
     return image_to_text, text_to_image, stats

@@ -17,9 +17,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 from transformers.training_args import OptimizerNames
 
 from modeling_scta import SCTALoss, SCTAModel, cosine_similarity_matrix
-from processing_scta import EVAL_MAX_CAPTION_TOKENS, RetrievalEvalCaptions, RetrievalEvalImages
+from processing_scta import EVAL_MAX_CAPTION_TOKENS
+from scta_train.distributed import shard_bounds
 from scta_train.metrics import compute_retrieval_metrics, retrieval_eval_loss
 from scta_train.model_card import write_model_card
+from scta_train.processing import RetrievalEvalCaptions, RetrievalEvalImages
 from scta_train.retrieval import encode_caption_corpus, encode_image_corpus, two_stage_rank
 
 
@@ -135,7 +137,9 @@ class SCTATrainer(Trainer):
             self.consecutive_nonfinite_steps += 1
             logger.warning(
                 "Non-finite loss (%s) at step %d: the step is skipped (%d skipped so far).",
-                float(loss.detach()), self.state.global_step, self.nonfinite_loss_steps,
+                float(loss.detach()),
+                self.state.global_step,
+                self.nonfinite_loss_steps,
             )
             if self.consecutive_nonfinite_steps >= self.args.max_nonfinite_steps:
                 raise FloatingPointError(
@@ -163,8 +167,11 @@ class SCTATrainer(Trainer):
         logger.warning(
             "Step %d: all %d pairs of the global batch show image %d, so the hinge loss has no negative and "
             "nothing is learnt from this batch (%d such steps so far).",
-            self.state.global_step, len(all_ids), int(all_ids[0]), self.steps_without_negatives,
-        )  # fmt: skip
+            self.state.global_step,
+            len(all_ids),
+            int(all_ids[0]),
+            self.steps_without_negatives,
+        )
         if self.steps_without_negatives == self.loss_steps >= NO_NEGATIVE_STEPS_TO_STOP:
             raise ValueError(
                 f"None of the first {self.loss_steps} batches had two different images, so the loss and its gradient "
@@ -237,6 +244,12 @@ class SCTATrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        try:
+            return self._score_split(model, split)
+        finally:
+            model.train(was_training)  # also when scoring fails: the caller's model keeps its mode
+
+    def _score_split(self, model, split) -> dict:
         device = self.args.device
         processor = self.processing_class
         show = self.is_local_process_zero() and not self.args.disable_tqdm
@@ -245,7 +258,7 @@ class SCTATrainer(Trainer):
         images = RetrievalEvalImages(split, processor.image_processor)
         captions = RetrievalEvalCaptions(split, processor.tokenizer, max_length=self.eval_max_caption_tokens)
         rank, world_size = self.args.process_index, self.args.world_size
-        shards = [range(len(images) * r // world_size, len(images) * (r + 1) // world_size) for r in range(world_size)]
+        shards = [range(*shard_bounds(len(images), r, world_size)) for r in range(world_size)]
         batch_size = self.args.per_device_eval_batch_size
         image_tokens, image_global = encode_image_corpus(
             model, Subset(images, shards[rank]), batch_size, device, self.args.dataloader_num_workers, show
@@ -265,7 +278,6 @@ class SCTATrainer(Trainer):
         if top_k == 0:  # exhaustive: every pair through the head
             local_scores = model.score(image_tokens, caption_keys, *chunks, progress=show).float().cpu()
             image_to_text = self._gather_rows(local_scores, [len(shard) for shard in shards])
-            model.train(was_training)
             return {
                 "scores": (image_to_text, None, captions.caption_to_image),
                 "head_pairs": num_images * num_captions,
@@ -293,12 +305,15 @@ class SCTATrainer(Trainer):
         score_middle = None
         if self.args.middle_stage_top_n:
             image_keys = model.caption_independent_image_keys(image_tokens)
-            score_middle = on_this_process(lambda i, c: model.caption_independent_scores(image_keys, caption_keys, i, c))
-        score_exact = on_this_process(lambda i, c: model.score_candidates(image_tokens, caption_keys, i, c, *chunks, progress=show))
+            score_middle = on_this_process(
+                lambda i, c: model.caption_independent_scores(image_keys, caption_keys, i, c)
+            )
+        score_exact = on_this_process(
+            lambda i, c: model.score_candidates(image_tokens, caption_keys, i, c, *chunks, progress=show)
+        )
         image_to_text, text_to_image, stats = two_stage_rank(
             global_scores, captions.caption_to_image, top_k, score_exact, self.args.middle_stage_top_n, score_middle
         )
-        model.train(was_training)
         return {
             "scores": (image_to_text, text_to_image, captions.caption_to_image),
             "scoring_runtime": round(time.perf_counter() - start, 4),
@@ -324,21 +339,30 @@ class SCTATrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_checkpoint_weights(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        load_checkpoint_weights(
+            self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint
+        )
 
     def _load_best_model(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_best_model()
         logger.info(
             "Loading the best model (%s = %s) from %s",
-            self.args.metric_for_best_model, self.state.best_metric, self.state.best_model_checkpoint,
+            self.args.metric_for_best_model,
+            self.state.best_metric,
+            self.state.best_model_checkpoint,
         )
         load_checkpoint_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
     # -- model card --------------------------------------------------------------------------------------------
 
-    def create_model_card(self, dataset_name: str | None = None, dataset_id: str | None = None,
-                          base_models: list[str] | None = None, **kwargs) -> None:
+    def create_model_card(
+        self,
+        dataset_name: str | None = None,
+        dataset_id: str | None = None,
+        base_models: list[str] | None = None,
+        **kwargs,
+    ) -> None:
         """The Trainer's card (metadata, training log) with SCTA's Hub metadata, results table, settings and usage
         (`scta_train.model_card`)."""
         super().create_model_card(**kwargs)
@@ -368,7 +392,9 @@ def is_complete_checkpoint(folder: str) -> bool:
             json.load(file)
     except (OSError, json.JSONDecodeError):
         return False
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
+    return any(
+        os.path.isfile(os.path.join(folder, name)) for name in ("model.safetensors", "model.safetensors.index.json")
+    )
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:

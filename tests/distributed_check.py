@@ -17,11 +17,11 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import torch  # noqa: E402
 
+from helpers import random_text_batch, tiny_scta_config  # noqa: E402
 from modeling_scta import SCTAModel, cosine_similarity_matrix, scta_with_global_loss  # noqa: E402
 from scta_train.arguments import SCTATrainingArguments  # noqa: E402
 from scta_train.pipeline import leave_process_group  # noqa: E402
 from scta_train.trainer import SCTATrainer  # noqa: E402
-from tiny_models import random_text_batch, tiny_scta_config  # noqa: E402
 
 
 def main(output_json: str) -> None:
@@ -78,8 +78,7 @@ def main(output_json: str) -> None:
         # each process's loss is world_size x its share; their mean is the global loss
         total = trainer.accelerator.gather(loss.detach().reshape(1)).mean()
         gradient_error = max(
-            float((got.grad - want.grad).abs().max())
-            for got, want in zip(model.parameters(), reference.parameters())
+            float((got.grad - want.grad).abs().max()) for got, want in zip(model.parameters(), reference.parameters())
         )
         scale = max(float(p.grad.abs().max()) for p in reference.parameters())
         report[phase] = {

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from configuration_scta import SCTAConfig
+from helpers import SCTAModelTester, make_head, random_text_batch, random_tokens, tiny_scta_config
 from modeling_scta import SCTAModel, cosine_similarity_matrix, scta_loss
-from test_modeling import SCTAModelTester, make_head, random_tokens
-from tiny_models import random_text_batch, tiny_scta_config
 
 
 def global_tester() -> SCTAModelTester:
@@ -53,7 +52,9 @@ def test_global_head_loss_is_the_hinge_on_the_global_cosine_and_trains_the_tower
     tester = global_tester()
     model = tester.model.train()
     outputs = model(
-        pixel_values=tester.pixel_values, input_ids=tester.input_ids, attention_mask=tester.attention_mask,
+        pixel_values=tester.pixel_values,
+        input_ids=tester.input_ids,
+        attention_mask=tester.attention_mask,
         return_loss=True,
     )
     expected = scta_loss(

@@ -16,6 +16,7 @@ if str(BENCH) not in sys.path:
 import bench_similarity  # noqa: E402
 import bench_train_step  # noqa: E402
 import bench_two_stage  # noqa: E402
+
 import benchlib  # noqa: E402
 
 
@@ -62,8 +63,15 @@ def test_train_step_benchmark_runs_and_its_breakdown_adds_up(tmp_path, one_threa
 
 
 def test_flop_count_of_one_pair_by_hand():
-    job = {"embed_size": 512, "num_patches": 196, "patch_keep_ratio": 0.5, "patch_aggr_ratio": 0.3,
-           "word_keep_ratio": 0.75, "word_aggregation": True, "seed": 0}  # fmt: skip
+    job = {
+        "embed_size": 512,
+        "num_patches": 196,
+        "patch_keep_ratio": 0.5,
+        "patch_aggr_ratio": 0.3,
+        "word_keep_ratio": 0.75,
+        "word_aggregation": True,
+        "seed": 0,
+    }
     head = bench_similarity.build_head(job)
     n, c, m, h = 196, 512, 29, 102
     keys = 1 + 9  # a caption of 14 tokens: floor(0.75 * 13) = 9 word slots, plus [CLS]
@@ -104,13 +112,15 @@ def test_a_real_disagreement_with_the_loop_is_not_excused_as_a_near_tie():
     assert not comparison["agrees_with_loop"]
 
 
+@pytest.mark.slow
 def test_two_stage_benchmark_runs_and_its_reranked_scores_are_exact(tmp_path, one_thread, synthetic_dir):
     import datasets
 
-    from conftest import TINY_TOWERS
+    from helpers import TINY_TOWERS
     from modeling_scta import SCTAModel
-    from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
+    from processing_scta import SCTAProcessor
     from scta_train.models import tower_config_from_spec
+    from scta_train.processing import train_wordpiece_tokenizer
 
     captions = [c for row in datasets.load_from_disk(synthetic_dir)["train"]["captions"] for c in row]
     processor = SCTAProcessor.from_tokenizer(train_wordpiece_tokenizer(captions, vocab_size=300), image_size=32)
@@ -124,8 +134,22 @@ def test_two_stage_benchmark_runs_and_its_reranked_scores_are_exact(tmp_path, on
     processor.save_pretrained(model_dir)
 
     path = tmp_path / "two_stage.json"
-    argv = ["--models", str(model_dir), "--dataset-dir", synthetic_dir, "--ks", "4", "80", "--middle-n", "8",
-            "--scale", "--quick", "--json", str(path), *one_thread]  # fmt: skip
+    argv = [
+        "--models",
+        str(model_dir),
+        "--dataset-dir",
+        synthetic_dir,
+        "--ks",
+        "4",
+        "80",
+        "--middle-n",
+        "8",
+        "--scale",
+        "--quick",
+        "--json",
+        str(path),
+        *one_thread,
+    ]
     results = bench_two_stage.main(argv)
     (summary,) = results["models"]
     assert summary["images"] == 16 and summary["captions"] == 80
@@ -149,7 +173,9 @@ def test_two_stage_benchmark_runs_and_its_reranked_scores_are_exact(tmp_path, on
 def test_full_size_evaluation_benchmark_runs_at_tiny_shapes(tmp_path, one_thread):
     import bench_full_size_eval
 
-    results = bench_full_size_eval.main(["--quick", "--sweep", "--device", "cpu", "--json", str(tmp_path / "f.json"), *one_thread])
+    results = bench_full_size_eval.main(
+        ["--quick", "--sweep", "--device", "cpu", "--json", str(tmp_path / "f.json"), *one_thread]
+    )
     (size,) = results["sizes"]
     assert (size["images"], size["captions"]) == (20, 100) and size["exhaustive_measured"]
     assert [(row["k"], row["middle_n"]) for row in size["two_stage"]] == [(4, 0), (4, 8)]
@@ -157,17 +183,28 @@ def test_full_size_evaluation_benchmark_runs_at_tiny_shapes(tmp_path, one_thread
     assert all(row["pairs_per_s"] > 0 for row in results["sweep"])
 
 
+@pytest.mark.slow
 def test_search_benchmark_runs_at_tiny_shapes(tmp_path, one_thread):
-    import bench_search
-    from test_search import save_model
+    import socket
 
-    save_model(tmp_path / "model")
+    import bench_search
+
+    from helpers import save_search_model
+
+    save_search_model(tmp_path / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     path = tmp_path / "search.json"
-    bench_search.main(["--model", str(tmp_path / "model"), "--images", "12", "--gallery-sizes", "12", "30",
-                       "--exhaustive-max", "12", "--queries", "2", "--skip-paper-shapes", "--json", str(path)])  # fmt: skip
+    arguments = ["--model", str(tmp_path / "model"), "--images", "12", "--gallery-sizes", "12", "30"]
+    arguments += ["--exhaustive-max", "12", "--queries", "2", "--skip-paper-shapes", "--cold-repeats", "1"]
+    bench_search.main([*arguments, "--port", str(port), "--json", str(path)])
     results = json.loads(path.read_text())
     assert results["files"]["images"] == 12 and results["files"]["bytes_per_image"] > 17 * 24 * 2
     assert 0 < results["files"]["reindex_fraction_of_first"]
     sizes = [row["gallery"] for row in results["latency"]]
     assert sizes == [12, 30] and "exhaustive_seconds" in results["latency"][0]
     assert results["latency"][1]["exhaustive_seconds_projected"] > 0
+    cold = results["cold_start"]
+    assert 0 < cold["help_seconds"] and 0 < cold["import_torch_seconds"] < cold["text_query_seconds"]
+    assert results["server"]["queries_per_second_4_clients"] > 0 and results["server"]["http_query_seconds"] > 0

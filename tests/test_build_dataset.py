@@ -11,11 +11,8 @@ import PIL.Image
 import pytest
 
 from dataset_scripts.build_retrieval_dataset import build_dataset, main
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-requires_shared_data = pytest.mark.skipif(
-    not (SHARED_DATA / "f30k" / "test_caps.txt").is_file(), reason=f"the caption files are not in {SHARED_DATA}"
-)
+from helpers import KARPATHY_DATA as SHARED_DATA
+from helpers import requires_karpathy_data
 
 
 def jpeg_bytes(size: tuple[int, int] = (8, 8), colour=(200, 30, 30), mode: str = "RGB") -> bytes:
@@ -77,15 +74,25 @@ def flickr30k_image_dir(tmp_path_factory):
     return image_dir
 
 
-@requires_shared_data
+@requires_karpathy_data("f30k/test_caps.txt", "f30k/dev_caps.txt", "f30k/id_mapping.json")
 def test_flickr30k_test_and_dev_from_the_real_caption_files(flickr30k_image_dir, tmp_path):
     output_dir = tmp_path / "f30k"
     main(
         [
-            "--format", "caption-files", "--dataset", "f30k", "--data_dir", str(SHARED_DATA / "f30k"),
-            "--image_dir", str(flickr30k_image_dir), "--output_dir", str(output_dir), "--num_proc", "2",
+            "--format",
+            "caption-files",
+            "--dataset",
+            "f30k",
+            "--data_dir",
+            str(SHARED_DATA / "f30k"),
+            "--image_dir",
+            str(flickr30k_image_dir),
+            "--output_dir",
+            str(output_dir),
+            "--num_proc",
+            "2",
         ]
-    )  # fmt: skip
+    )
     loaded = datasets.load_from_disk(str(output_dir))
     assert set(loaded) == {"test", "dev"}  # the default: every split whose files exist (no train_caps.txt)
     mapping = json.loads((SHARED_DATA / "f30k" / "id_mapping.json").read_text())
@@ -102,7 +109,7 @@ def test_flickr30k_test_and_dev_from_the_real_caption_files(flickr30k_image_dir,
         assert f"{num_images} images, {5 * num_images} captions" in rows.info.description
 
 
-@requires_shared_data
+@requires_karpathy_data("coco/dev_caps.txt", "coco/dev_ids.txt")
 def test_coco_dev_from_the_real_caption_files(tmp_path):
     image_ids = sorted({int(line) for line in read_lines(SHARED_DATA / "coco" / "dev_ids.txt")})
     image_dir = tmp_path / "coco"
@@ -117,7 +124,7 @@ def test_coco_dev_from_the_real_caption_files(tmp_path):
     assert flat == read_lines(SHARED_DATA / "coco" / "dev_caps.txt")
 
 
-@requires_shared_data
+@requires_karpathy_data("coco/testall_caps.txt", "coco/testall_ids.txt")
 def test_coco_test_split_reads_testall(tmp_path):
     # No images: the error shows that the 5,000 images of testall_*.txt were looked for, in val2014.
     (tmp_path / "empty").mkdir()
@@ -137,10 +144,21 @@ def test_parquet_export_loads_back_equal(small_files, tmp_path):
     output_dir = tmp_path / "out"
     main(
         [
-            "--format", "caption-files", "--dataset", "f30k", "--data_dir", str(data_dir),
-            "--image_dir", str(image_dir), "--output_dir", str(output_dir), "--num_proc", "1", "--parquet",
+            "--format",
+            "caption-files",
+            "--dataset",
+            "f30k",
+            "--data_dir",
+            str(data_dir),
+            "--image_dir",
+            str(image_dir),
+            "--output_dir",
+            str(output_dir),
+            "--num_proc",
+            "1",
+            "--parquet",
         ]
-    )  # fmt: skip
+    )
     saved = datasets.load_from_disk(str(output_dir))["dev"]
     exported = datasets.load_dataset(
         "parquet", data_files={"dev": str(output_dir / "parquet" / "dev.parquet")}, cache_dir=str(tmp_path / "cache")
@@ -233,7 +251,13 @@ def test_skip_missing_leaves_bad_images_out_and_counts_them(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING):
         built = build_dataset(
-            "caption-files", data_dir, image_dir, dataset="f30k", skip_missing=True, num_proc=2, max_skipped_fraction=1.0
+            "caption-files",
+            data_dir,
+            image_dir,
+            dataset="f30k",
+            skip_missing=True,
+            num_proc=2,
+            max_skipped_fraction=1.0,
         )
     assert built["dev"]["image_id"] == [10, 16]
     assert built["dev"]["captions"] == [five_captions(10), five_captions(16)]
@@ -299,10 +323,18 @@ def test_unknown_dataset_is_rejected(small_files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(
             [
-                "--format", "caption-files", "--dataset", "flickr8k", "--data_dir", str(data_dir),
-                "--image_dir", str(image_dir), "--output_dir", str(tmp_path / "out"),
+                "--format",
+                "caption-files",
+                "--dataset",
+                "flickr8k",
+                "--data_dir",
+                str(data_dir),
+                "--image_dir",
+                str(image_dir),
+                "--output_dir",
+                str(tmp_path / "out"),
             ]
-        )  # fmt: skip
+        )
     assert "invalid choice: 'flickr8k'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="dataset must be one of"):
         build_dataset("caption-files", data_dir, image_dir, dataset="flickr8k")
@@ -364,8 +396,21 @@ def test_karpathy_json(tmp_path):
 
 def build_command(small_files, output_dir, *extra) -> list[str]:
     data_dir, image_dir = small_files
-    return ["--format", "caption-files", "--dataset", "f30k", "--data_dir", str(data_dir), "--image_dir",
-            str(image_dir), "--output_dir", str(output_dir), "--num_proc", "1", *extra]  # fmt: skip
+    return [
+        "--format",
+        "caption-files",
+        "--dataset",
+        "f30k",
+        "--data_dir",
+        str(data_dir),
+        "--image_dir",
+        str(image_dir),
+        "--output_dir",
+        str(output_dir),
+        "--num_proc",
+        "1",
+        *extra,
+    ]
 
 
 def test_a_non_empty_output_dir_is_refused_and_overwrite_replaces_it_whole(small_files, tmp_path):
@@ -438,7 +483,10 @@ def test_skip_missing_refuses_an_empty_split_or_too_many_skipped_images(small_fi
     with pytest.raises(ValueError, match=r"leave out 4 of the 4 dev images \(100\.0%.*the split would be empty"):
         build_dataset("caption-files", data_dir, tmp_path, dataset="f30k", skip_missing=True)  # wrong --image_dir
     (image_dir / "img_11.jpg").unlink()
-    with pytest.raises(ValueError, match=r"leave out 1 of the 4 dev images \(25\.0%, more than --max_skipped_fraction 0\.01.*raise --max_skipped_fraction"):
+    with pytest.raises(
+        ValueError,
+        match=r"leave out 1 of the 4 dev images \(25\.0%, more than --max_skipped_fraction 0\.01.*raise --max_skipped_fraction",
+    ):
         build_small(small_files, skip_missing=True)
     assert build_small(small_files, skip_missing=True, max_skipped_fraction=0.25)["dev"]["image_id"] == [10, 12, 13]
 
@@ -466,9 +514,18 @@ GOOD_IMAGE = {"imgid": 7, "split": "test", "filename": "a.jpg", "sentences": [{"
     [
         ("{not json", r"dataset_flickr30k\.json is not valid JSON: .* at line 1, column 2"),
         ("[]", r"must be a JSON object with an \"images\" list"),
-        (json.dumps({"images": [{k: v for k, v in GOOD_IMAGE.items() if k != "split"}]}), r"image 0 \(a\.jpg\): the key 'split' is missing"),
-        (json.dumps({"images": [GOOD_IMAGE, {**GOOD_IMAGE, "imgid": "8"}]}), r"image 1 \(a\.jpg\): 'imgid' must be a int, got '8'"),
-        (json.dumps({"images": [{**GOOD_IMAGE, "sentences": [{"tokens": []}] * 5}]}), r"image 0 \(a\.jpg\): sentence 0 must be an object with a \"raw\" string"),
+        (
+            json.dumps({"images": [{k: v for k, v in GOOD_IMAGE.items() if k != "split"}]}),
+            r"image 0 \(a\.jpg\): the key 'split' is missing",
+        ),
+        (
+            json.dumps({"images": [GOOD_IMAGE, {**GOOD_IMAGE, "imgid": "8"}]}),
+            r"image 1 \(a\.jpg\): 'imgid' must be a int, got '8'",
+        ),
+        (
+            json.dumps({"images": [{**GOOD_IMAGE, "sentences": [{"tokens": []}] * 5}]}),
+            r"image 0 \(a\.jpg\): sentence 0 must be an object with a \"raw\" string",
+        ),
         (json.dumps({"images": ["a.jpg"]}), r"image 0: expected an object, got str"),
     ],
     ids=["syntax", "not-an-object", "missing-key", "wrong-type", "bad-sentence", "not-a-record"],

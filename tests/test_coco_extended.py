@@ -2,7 +2,6 @@
 test, refusal of other splits, and values on hand-built retrieval results computed by hand."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +12,14 @@ from scta_train.metrics import retrieval_metrics
 
 eccv_caption = pytest.importorskip("eccv_caption", reason="the extended COCO metrics need: pip install eccv-caption")
 
+from helpers import KARPATHY_DATA, requires_karpathy_data  # noqa: E402
 from scta_train.coco_extended import coco_5k_caption_ids, coco_extended_metrics, load_eccv_metrics  # noqa: E402
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco"
+SHARED = KARPATHY_DATA / "coco" if KARPATHY_DATA else None
 
 
+@requires_karpathy_data("coco/testall_ids.txt")
 def test_package_caption_ids_follow_the_karpathy_testall_order():
     metrics = load_eccv_metrics()
     # testall_ids.txt: the COCO image id of each of the 25,000 captions, 5 consecutive per image
@@ -34,6 +35,7 @@ def test_package_caption_ids_follow_the_karpathy_testall_order():
         assert sorted(caption_ids[5 * row : 5 * row + 5]) == sorted(metrics.coco_gts["i2t"][image_ids[row]])
 
 
+@requires_karpathy_data("coco/testall_ids.txt", "f30k/test_ids.txt")
 def test_other_splits_are_refused_with_the_reason():
     metrics = load_eccv_metrics()
     caption_images = [int(line) for line in (SHARED / "testall_ids.txt").read_text().split()]
@@ -52,7 +54,10 @@ def test_other_splits_are_refused_with_the_reason():
 def hand_built_metrics(tmp_path, with_pm: bool):
     """3 images (100, 200, 300), 2 captions each (11, 12 | 21, 22 | 31, 32), and hand-written positives."""
     ground_truths = {
-        "coco": ({100: [11, 12], 200: [21, 22], 300: [31, 32]}, {c: [100 * (c // 10)] for c in (11, 12, 21, 22, 31, 32)}),
+        "coco": (
+            {100: [11, 12], 200: [21, 22], 300: [31, 32]},
+            {c: [100 * (c // 10)] for c in (11, 12, 21, 22, 31, 32)},
+        ),
         "eccv": ({100: [11, 12, 21]}, {21: [200, 100]}),
         "cxc": ({100: [11, 12], 200: [21, 22, 32]}, {11: [100], 32: [300, 200]}),
         "pm": ({100: [11, 12, 22]}, {11: [100, 300]}),

@@ -13,12 +13,19 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from configuration_scta import TEXT_TOWERS, VISION_TOWERS, SCTAConfig, num_kept_patches, num_patch_slots
-from conftest import run_main, tiny_run_config, write_config
+from helpers import (
+    SCTAModelTester,
+    random_text_batch,
+    run_main,
+    tiny_bert_config,
+    tiny_run_config,
+    tiny_vit_config,
+    write_config,
+)
 from modeling_scta import KeyTokenAlignmentHead, SCTALoss, SCTAModel, scta_with_global_loss
-from processing_scta import SCTAProcessor, train_wordpiece_tokenizer
+from processing_scta import SCTAProcessor
+from scta_train.processing import train_wordpiece_tokenizer
 from scta_train.testing import TINY_TEXT, TINY_VISION
-from test_modeling import SCTAModelTester
-from tiny_models import random_text_batch, tiny_bert_config, tiny_vit_config
 
 
 CAPTIONS = ["a big red circle at the top", "a small blue square on the left ."]
@@ -54,12 +61,16 @@ def test_keyword_arguments_go_to_the_tokenizer_and_the_image_processor(processor
 def test_model_input_names_are_exactly_what_it_returns_and_the_model_takes(processor):
     inputs = processor(images=images(), text=CAPTIONS, return_tensors="pt")
     assert list(inputs) == processor.model_input_names == ["pixel_values", "input_ids", "attention_mask"]
-    config = SCTAConfig.from_vision_text_configs(tiny_vit_config(), tiny_bert_config(len(processor.tokenizer)), embed_size=24)
+    config = SCTAConfig.from_vision_text_configs(
+        tiny_vit_config(), tiny_bert_config(len(processor.tokenizer)), embed_size=24
+    )
     model = SCTAModel(config).eval()
     with torch.no_grad():
         assert model(**inputs).logits_per_image.shape == (2, 2)
     lists = processor(images=images(), text=CAPTIONS)  # return_tensors=None: Python lists
-    with pytest.raises(TypeError, match='pixel_values is a list, not a tensor. Call the processor with return_tensors="pt"'):
+    with pytest.raises(
+        TypeError, match='pixel_values is a list, not a tensor. Call the processor with return_tensors="pt"'
+    ):
         model(**lists)
 
 
@@ -82,8 +93,11 @@ def test_bad_inputs_are_named(processor, inputs, message):
         processor(**inputs)
 
 
+@pytest.mark.slow
 def test_auto_classes_load_a_folder_without_remote_code_or_a_prompt(processor, tmp_path):
-    config = SCTAConfig.from_vision_text_configs(tiny_vit_config(), tiny_bert_config(len(processor.tokenizer)), embed_size=24)
+    config = SCTAConfig.from_vision_text_configs(
+        tiny_vit_config(), tiny_bert_config(len(processor.tokenizer)), embed_size=24
+    )
     SCTAModel(config).save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     script = f"""
@@ -96,8 +110,15 @@ def test_auto_classes_load_a_folder_without_remote_code_or_a_prompt(processor, t
         print("ok")
         """
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=environment,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=tmp_path,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
     assert not (tmp_path / "modules").exists()  # no remote code was fetched
 
@@ -108,8 +129,10 @@ def test_auto_classes_load_a_folder_without_remote_code_or_a_prompt(processor, t
 def test_the_tower_table_gives_the_token_layout():
     assert set(VISION_TOWERS) >= {"vit", "dinov2", "swin", "swinv2", "clip_vision_model"}
     assert TEXT_TOWERS["bert"].global_token == "first" and TEXT_TOWERS["clip_text_model"].global_token == "last"
-    clip = SCTAConfig(vision_config={"model_type": "clip_vision_model", "image_size": 224, "patch_size": 16},
-                      text_config={"model_type": "clip_text_model"})  # fmt: skip
+    clip = SCTAConfig(
+        vision_config={"model_type": "clip_vision_model", "image_size": 224, "patch_size": 16},
+        text_config={"model_type": "clip_text_model"},
+    )
     assert (clip.num_patches, clip.vision_has_cls_token, clip.text_global_token) == (196, True, "last")
     assert (num_kept_patches(196, 0.5), num_patch_slots(196, 0.5, 0.3)) == (98, 29)
     head = KeyTokenAlignmentHead.from_config(clip)
@@ -123,7 +146,7 @@ def tiny_clip_folder(path, vocab_size=99):
         text_config=dict(vocab_size=vocab_size, **TINY_TEXT, bos_token_id=1, eos_token_id=2),
         vision_config=TINY_VISION,
         projection_dim=16,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     clip = transformers.CLIPModel(config)
     clip.save_pretrained(path)
@@ -138,7 +161,11 @@ def test_clip_towers_from_a_clip_checkpoint(tmp_path):
         assert torch.equal(model.vision_model.state_dict()[name], weight), name
     for name, weight in clip.text_model.state_dict().items():
         assert torch.equal(model.text_model.state_dict()[name], weight), name
-    assert (model.config.num_patches, model.config.vision_has_cls_token, model.config.text_global_token) == (16, True, "last")
+    assert (model.config.num_patches, model.config.vision_has_cls_token, model.config.text_global_token) == (
+        16,
+        True,
+        "last",
+    )
     input_ids, attention_mask = random_text_batch([5, 8, 3], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         text = model.get_text_features(input_ids, attention_mask).last_hidden_state
@@ -160,9 +187,17 @@ def test_training_with_clip_towers_from_scratch(tmp_path, synthetic_dir):
     towers = {
         "vision_config": {"model_type": "clip_vision_model", **TINY_VISION},
         "text_config": {"model_type": "clip_text_model", **TINY_TEXT},
-    }  # fmt: skip
-    config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), **towers, max_steps=2, do_eval=False,
-                             eval_strategy="no", save_strategy="no", load_best_model_at_end=False)  # fmt: skip
+    }
+    config = tiny_run_config(
+        synthetic_dir,
+        str(tmp_path / "out"),
+        **towers,
+        max_steps=2,
+        do_eval=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
     results = run_main([write_config(tmp_path / "run.json", config)])
     assert results["test_head_pairs"] == 16 * 80
 
@@ -193,7 +228,12 @@ def test_a_real_pretrained_text_tower_and_its_tokenizer(tmp_path):
     assert len(tokenizer) == 30522  # bert-base-uncased WordPiece
     processor = SCTAProcessor.from_tokenizer(tokenizer, image_size=32)
     inputs = processor(images=images(), text=["A small red circle at the top.", "two dogs"], return_tensors="pt")
-    assert processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, :4].tolist()) == ["[CLS]", "a", "small", "red"]
+    assert processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0, :4].tolist()) == [
+        "[CLS]",
+        "a",
+        "small",
+        "red",
+    ]
     with torch.no_grad():
         outputs = model(**inputs)
     assert outputs.logits_per_image.shape == (2, 2) and torch.isfinite(outputs.logits_per_image).all()
@@ -205,12 +245,20 @@ def test_a_real_pretrained_text_tower_and_its_tokenizer(tmp_path):
 def test_the_loss_module_is_the_models_loss():
     tester = SCTAModelTester(global_loss_weight=0.5)
     model = tester.model.train()
-    outputs = model(pixel_values=tester.pixel_values, input_ids=tester.input_ids, attention_mask=tester.attention_mask,
-                    image_ids=torch.tensor([4, 4, 9]), return_loss=True)  # fmt: skip
-    global_logits = torch.nn.functional.normalize(outputs.image_global_embeds, dim=-1) @ torch.nn.functional.normalize(
-        outputs.text_global_embeds, dim=-1
-    ).t()
-    expected, _ = scta_with_global_loss(outputs.logits_per_image, global_logits, torch.tensor([4, 4, 9]), 0.2, True, 0.5)
+    outputs = model(
+        pixel_values=tester.pixel_values,
+        input_ids=tester.input_ids,
+        attention_mask=tester.attention_mask,
+        image_ids=torch.tensor([4, 4, 9]),
+        return_loss=True,
+    )
+    global_logits = (
+        torch.nn.functional.normalize(outputs.image_global_embeds, dim=-1)
+        @ torch.nn.functional.normalize(outputs.text_global_embeds, dim=-1).t()
+    )
+    expected, _ = scta_with_global_loss(
+        outputs.logits_per_image, global_logits, torch.tensor([4, 4, 9]), 0.2, True, 0.5
+    )
     torch.testing.assert_close(outputs.loss, expected)
     again = SCTALoss(model.config)(model, outputs, tester.attention_mask, torch.tensor([4, 4, 9]))
     torch.testing.assert_close(again, expected)
@@ -222,7 +270,9 @@ def test_a_partial_checkpoint_error_says_how_to_load_it(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     del weights["head.patch_aggregator.scale"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"To load it partially: SCTAModel.from_pretrained\(.*, strict=False\) loads it"):
+    with pytest.raises(
+        ValueError, match=r"To load it partially: SCTAModel.from_pretrained\(.*, strict=False\) loads it"
+    ):
         SCTAModel.from_pretrained(tmp_path)
     weights["head.patch_aggregator.mlp.3.weight"] = torch.zeros(3, 4)
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -244,8 +294,16 @@ def test_evaluation_runs_under_the_autocast_of_training(tmp_path, synthetic_dir,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SCTAModel, "score", recording)
-    config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), bf16=True, max_steps=2, do_eval=False,
-                             eval_strategy="no", save_strategy="no", load_best_model_at_end=False)  # fmt: skip
+    config = tiny_run_config(
+        synthetic_dir,
+        str(tmp_path / "out"),
+        bf16=True,
+        max_steps=2,
+        do_eval=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
     results = run_main([write_config(tmp_path / "run.json", config)])
     assert seen == [True] and 0 <= results["test_r1_i2t"] <= 100
 
@@ -254,8 +312,17 @@ def test_tensorboard_logging_writes_events(tmp_path, synthetic_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), report_to=["tensorboard"], max_steps=4, logging_steps=2, eval_strategy="steps", eval_steps=2, save_strategy="no",
-                             load_best_model_at_end=False)  # fmt: skip
+    config = tiny_run_config(
+        synthetic_dir,
+        str(tmp_path / "out"),
+        report_to=["tensorboard"],
+        max_steps=4,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
     run_main([write_config(tmp_path / "run.json", config)])
     events = list((tmp_path / "out" / "runs").rglob("events.out.tfevents.*"))  # transformers' default log folder
     assert events, "no TensorBoard event file was written"
@@ -279,13 +346,16 @@ def test_the_encoders_export_with_torch_export_and_dynamic_batch_and_length():
     )
     input_ids, attention_mask = random_text_batch([5, 7])
     text_program = torch.export.export(
-        SCTATextEncoder(model), (input_ids, attention_mask),
+        SCTATextEncoder(model),
+        (input_ids, attention_mask),
         dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
-    )  # fmt: skip
+    )
     pixel_values = torch.randn(5, 3, 32, 32)  # other sizes than traced
     input_ids, attention_mask = random_text_batch([4, 11, 9], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for exported, eager in zip(image_program.module()(pixel_values), SCTAImageEncoder(model)(pixel_values)):
             torch.testing.assert_close(exported, eager)
-        for exported, eager in zip(text_program.module()(input_ids, attention_mask), SCTATextEncoder(model)(input_ids, attention_mask)):
+        for exported, eager in zip(
+            text_program.module()(input_ids, attention_mask), SCTATextEncoder(model)(input_ids, attention_mask)
+        ):
             torch.testing.assert_close(exported, eager)

@@ -10,75 +10,18 @@ from transformers import AutoModel, BertModel, ViTModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from configuration_scta import SCTAConfig
+from helpers import (
+    CAPTION_LENGTHS,
+    SCTAModelTester,
+    make_head,
+    random_tokens,
+    run_without_project,
+    tiny_bert_config,
+    tiny_scta_config,
+    tiny_vit_config,
+)
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel, hinge_loss_one_direction, scta_loss
-from reference_scta import reference_similarity, reference_similarity_loop
-from fresh_process import run_without_project
-from tiny_models import random_text_batch, tiny_bert_config, tiny_scta_config, tiny_vit_config
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_head(vision_has_cls_token=True, word_aggregation=True, dtype=torch.float64, seed=0, **settings):
-    torch.manual_seed(seed)
-    settings.setdefault("patch_aggr_ratio", 0.5)
-    head = KeyTokenAlignmentHead(
-        embed_size=32, num_patches=16, vision_has_cls_token=vision_has_cls_token, word_aggregation=word_aggregation, **settings
-    )
-    return head.to(dtype)
-
-
-def random_tokens(num_images, lengths, head, dtype=torch.float64, seed=1, extra_padding=3):
-    generator = torch.Generator().manual_seed(seed)
-    image_tokens = torch.randn(num_images, 16 + int(head.vision_has_cls_token), 32, generator=generator, dtype=dtype)
-    lengths = torch.as_tensor(lengths)
-    max_length = int(lengths.max()) + extra_padding
-    text_tokens = torch.randn(len(lengths), max_length, 32, generator=generator, dtype=dtype)
-    text_mask = (torch.arange(max_length)[None, :] < lengths[:, None]).long()
-    return image_tokens, text_tokens, text_mask
-
-
-CAPTION_LENGTHS = [3, 4, 5, 7, 9, 12, 16, 21, 27, 33, 40]
-
-
-class SCTAModelTester:
-    """Builds a tiny model and inputs; checks every output field."""
-
-    def __init__(self, vision="vit", **head_settings):
-        self.config = tiny_scta_config(vision, **head_settings)
-        torch.manual_seed(0)
-        self.model = SCTAModel(self.config).eval()
-        self.batch_size = 3
-        generator = torch.Generator().manual_seed(0)
-        self.pixel_values = torch.randn(self.batch_size, 3, 32, 32, generator=generator)
-        self.input_ids, self.attention_mask = random_text_batch([9, 5, 7], generator=generator)
-
-    def check_outputs(self):
-        outputs = self.model(
-            pixel_values=self.pixel_values,
-            input_ids=self.input_ids,
-            attention_mask=self.attention_mask,
-            image_ids=torch.tensor([0, 1, 2]),
-            return_loss=True,
-        )
-        tokens = self.config.num_patches + int(self.config.vision_has_cls_token)
-        assert outputs.loss.shape == ()
-        assert torch.isfinite(outputs.loss)
-        assert outputs.logits_per_image.shape == (3, 3)
-        assert outputs.logits_per_text.shape == (3, 3)
-        assert torch.equal(outputs.logits_per_text, outputs.logits_per_image.t())
-        assert outputs.image_embeds.shape == (3, tokens, self.config.embed_size)
-        assert outputs.text_embeds.shape == (3, self.input_ids.shape[1], self.config.embed_size)
-        assert outputs.kept_patch_fraction.item() == pytest.approx(
-            self.config.num_kept_patches / self.config.num_patches
-        )
-        assert outputs.image_global_embeds.shape == (3, self.config.embed_size)
-        assert outputs.text_global_embeds.shape == (3, self.config.embed_size)
-        assert set(outputs.keys()) == {
-            "loss", "logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "kept_patch_fraction",
-            "image_global_embeds", "text_global_embeds", "vision_model_output", "text_model_output",
-        }
-        return outputs
+from scta_train.reference import reference_similarity, reference_similarity_loop
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -88,7 +31,10 @@ def test_default_config_matches_the_paper():
     config = SCTAConfig()
     assert config.vision_config.model_type == "vit" and config.text_config.model_type == "bert"
     assert (config.embed_size, config.patch_keep_ratio, config.patch_aggr_ratio, config.word_keep_ratio) == (
-        512, 0.5, 0.3, 0.75,
+        512,
+        0.5,
+        0.3,
+        0.75,
     )
     assert (config.min_word_slots, config.max_word_slots, config.margin) == (4, 100, 0.2)
     assert config.vision_has_cls_token and config.num_patches == 196
@@ -99,7 +45,9 @@ def test_swin_tower_has_no_cls_and_merged_patches():
     config = tiny_scta_config("swin")
     assert not config.vision_has_cls_token
     assert config.num_patches == 16
-    swin_b = SCTAConfig(vision_config={"model_type": "swin", "image_size": 224, "patch_size": 4, "depths": [2, 2, 18, 2]})
+    swin_b = SCTAConfig(
+        vision_config={"model_type": "swin", "image_size": 224, "patch_size": 4, "depths": [2, 2, 18, 2]}
+    )
     assert swin_b.num_patches == 49 and not swin_b.vision_has_cls_token
 
 
@@ -392,7 +340,9 @@ def test_loading_is_strict_about_unexpected_and_mismatched_keys(tmp_path):
     tester = SCTAModelTester()
     tester.model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    save_file({**weights, "head.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {**weights, "head.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors", metadata={"format": "pt"}
+    )
     with pytest.raises(ValueError, match="unexpected_keys: head.extra.weight"):
         SCTAModel.from_pretrained(tmp_path)
     weights["head.patch_aggregator.mlp.3.weight"] = torch.zeros(3, 4)
@@ -429,6 +379,7 @@ def test_save_and_load_round_trip_through_auto_model(tmp_path):
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
     tester = SCTAModelTester()
     model_dir, work_dir = tmp_path / "model", tmp_path / "elsewhere"
@@ -436,7 +387,11 @@ def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
     tester.model.save_pretrained(model_dir)
     with torch.no_grad():
         expected = tester.model(tester.pixel_values, tester.input_ids, tester.attention_mask).logits_per_image
-    inputs = {"pixel_values": tester.pixel_values, "input_ids": tester.input_ids, "attention_mask": tester.attention_mask}
+    inputs = {
+        "pixel_values": tester.pixel_values,
+        "input_ids": tester.input_ids,
+        "attention_mask": tester.attention_mask,
+    }
     save_file(inputs, tmp_path / "inputs.safetensors")
     script = f"""
         import torch
@@ -445,8 +400,8 @@ def test_remote_code_load_in_a_fresh_process_without_the_project(tmp_path):
         model = AutoModel.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         with torch.no_grad():
-            scores = model(**load_file({str(tmp_path / 'inputs.safetensors')!r})).logits_per_image
-        save_file({{"scores": scores.contiguous()}}, {str(tmp_path / 'scores.safetensors')!r})
+            scores = model(**load_file({str(tmp_path / "inputs.safetensors")!r})).logits_per_image
+        save_file({{"scores": scores.contiguous()}}, {str(tmp_path / "scores.safetensors")!r})
         """
     run_without_project(script, work_dir)
     scores = load_file(tmp_path / "scores.safetensors")["scores"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fresh_process import run_without_project
-from processing_scta import (
+from helpers import run_without_project
+from processing_scta import SCTAProcessor, convert_to_rgb
+from scta_train.processing import (
     CaptionAugmenter,
     ImageEvalTransform,
     ImageTrainTransform,
@@ -19,10 +20,9 @@ from processing_scta import (
     RetrievalEvalCaptions,
     RetrievalEvalImages,
     RetrievalTrainDataset,
-    SCTAProcessor,
-    convert_to_rgb,
     train_wordpiece_tokenizer,
 )
+
 
 CAPTIONS = [
     "A man in an orange hat is looking at something .",
@@ -241,6 +241,7 @@ def test_processor_save_load_round_trip(processor, tmp_path):
         torch.testing.assert_close(actual[key], expected[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_auto_processor_loads_in_a_process_without_the_project(processor, tmp_path):
     """A saved folder is self-contained remote code: AutoProcessor loads it where the repo is not importable."""
     images, texts = _example_inputs()

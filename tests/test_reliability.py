@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import modeling_scta
-from conftest import REPO, run_main, tiny_run_config, write_config
+from helpers import REPO, run_main, tiny_run_config, write_config
 from modeling_scta import scta_with_global_loss
 from scta_train.arguments import parse_arguments
 from scta_train.data import load_retrieval_dataset
@@ -27,9 +27,14 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 def _quality(results: dict) -> dict:
-    return {name: value for name, value in results.items() if name.startswith(("eval_", "test_")) and not name.endswith(("runtime", "per_second"))}
+    return {
+        name: value
+        for name, value in results.items()
+        if name.startswith(("eval_", "test_")) and not name.endswith(("runtime", "per_second"))
+    }
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_model_and_metrics(tmp_path, synthetic_dir):
     settings = {"num_train_epochs": 3, "save_total_limit": None}
     uninterrupted = run_main(
@@ -40,7 +45,9 @@ def test_a_killed_run_resumes_to_the_same_model_and_metrics(tmp_path, synthetic_
     config_path = write_config(tmp_path / "b.json", tiny_run_config(synthetic_dir, str(killed_dir), **settings))
     process = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "run_retrieval.py"), config_path],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": REPO},
     )
     first_checkpoint = killed_dir / "checkpoint-15"
@@ -60,7 +67,12 @@ def test_a_killed_run_resumes_to_the_same_model_and_metrics(tmp_path, synthetic_
     assert last_complete_checkpoint(str(killed_dir)) != str(torn)
 
     resumed = run_main(
-        [write_config(tmp_path / "b2.json", tiny_run_config(synthetic_dir, str(killed_dir), resume_from_checkpoint="last", **settings))]
+        [
+            write_config(
+                tmp_path / "b2.json",
+                tiny_run_config(synthetic_dir, str(killed_dir), resume_from_checkpoint="last", **settings),
+            )
+        ]
     )
     final_a, final_b = _weights(tmp_path / "a"), _weights(killed_dir)
     assert final_a.keys() == final_b.keys()
@@ -124,8 +136,15 @@ def poisoned_loss(monkeypatch):
 def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path, synthetic_dir, poisoned_loss):
     poisoned_loss({3, 4})
     config = tiny_run_config(
-        synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, do_eval=False, do_predict=False,
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, logging_steps=1,
+        synthetic_dir,
+        str(tmp_path / "out"),
+        num_train_epochs=1,
+        do_eval=False,
+        do_predict=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        logging_steps=1,
     )
     results = run_main([write_config(tmp_path / "run.json", config)])
     assert results["nonfinite_loss_steps"] == 2
@@ -137,7 +156,7 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted(tmp_path, synthetic_dir
 
 def test_a_skipped_step_leaves_the_weights_unchanged(tmp_path, synthetic_dir, poisoned_loss):
     from modeling_scta import SCTAModel
-    from processing_scta import RetrievalCollator
+    from scta_train.processing import RetrievalCollator
 
     poisoned_loss({1})
     model_args, data_args, training_args = parse_arguments(
@@ -165,8 +184,13 @@ def test_a_skipped_step_leaves_the_weights_unchanged(tmp_path, synthetic_dir, po
 def test_repeated_non_finite_losses_stop_the_run(tmp_path, synthetic_dir, poisoned_loss):
     poisoned_loss(set(range(1, 1000)))
     config = tiny_run_config(
-        synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, max_nonfinite_steps=3,
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        synthetic_dir,
+        str(tmp_path / "out"),
+        num_train_epochs=1,
+        max_nonfinite_steps=3,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
     )
     with pytest.raises(FloatingPointError, match="non-finite in 3 consecutive steps"):
         run_main([write_config(tmp_path / "run.json", config)])
@@ -196,8 +220,15 @@ def test_a_broken_training_image_stops_with_a_clear_error(tmp_path, dataset_with
 
 def test_a_broken_training_image_is_skipped_and_counted_on_request(tmp_path, dataset_with_a_broken_image, caplog):
     config = tiny_run_config(
-        dataset_with_a_broken_image, str(tmp_path / "out"), num_train_epochs=1, on_bad_image="skip", do_eval=False,
-        do_predict=False, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        dataset_with_a_broken_image,
+        str(tmp_path / "out"),
+        num_train_epochs=1,
+        on_bad_image="skip",
+        do_eval=False,
+        do_predict=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
     )
     with caplog.at_level("WARNING"):
         run_main([write_config(tmp_path / "run.json", config)])

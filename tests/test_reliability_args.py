@@ -10,11 +10,19 @@ import pytest
 import torch
 
 from configuration_scta import SCTAConfig
-from conftest import run_main, tiny_run_config, write_config
+from helpers import (
+    random_text_batch,
+    run_main,
+    tiny_bert_config,
+    tiny_run_config,
+    tiny_scta_config,
+    tiny_vit_config,
+    write_config,
+)
 from modeling_scta import SCTAModel
-from processing_scta import SCTAProcessor, convert_to_rgb, decode_image, train_wordpiece_tokenizer
+from processing_scta import SCTAProcessor, convert_to_rgb, decode_image
 from scta_train.arguments import SCTATrainingArguments, load_json_arguments, parse_arguments
-from tiny_models import random_text_batch, tiny_bert_config, tiny_scta_config, tiny_vit_config
+from scta_train.processing import train_wordpiece_tokenizer
 
 
 def run(tmp_path, config: dict, *overrides: str, name: str = "run.json"):
@@ -25,8 +33,16 @@ def run(tmp_path, config: dict, *overrides: str, name: str = "run.json"):
 def saved_model(tmp_path_factory, synthetic_dir):
     """A model trained for 2 steps, saved with its processor."""
     output_dir = tmp_path_factory.mktemp("saved") / "model"
-    config = tiny_run_config(synthetic_dir, str(output_dir), max_steps=2, do_eval=False, do_predict=False,
-                             eval_strategy="no", save_strategy="no", load_best_model_at_end=False)  # fmt: skip
+    config = tiny_run_config(
+        synthetic_dir,
+        str(output_dir),
+        max_steps=2,
+        do_eval=False,
+        do_predict=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
     run_main([write_config(output_dir.parent / "run.json", config)])
     return output_dir
 
@@ -55,7 +71,10 @@ def test_json_values_are_type_checked_naming_key_value_and_type(tmp_path, synthe
 def test_misspelt_keys_invalid_json_and_other_shapes_name_the_file(tmp_path, synthetic_dir):
     config = tiny_run_config(synthetic_dir, str(tmp_path / "out"))
     config["learning_rat"] = 1e-3
-    with pytest.raises(ValueError, match=r"run\.json has keys that are not arguments .*'learning_rat' \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"run\.json has keys that are not arguments .*'learning_rat' \(did you mean 'learning_rate'\?\)",
+    ):
         run(tmp_path, config, "--seed", "3")
     (tmp_path / "bad.json").write_text('{"do_train": true,,}')
     with pytest.raises(ValueError, match=r"bad\.json is not valid JSON: .* at line 1, column 19"):
@@ -90,10 +109,22 @@ def test_empty_image_limits_and_one_pair_batches_are_refused_up_front(tmp_path, 
 
 def test_batches_without_negatives_are_counted_and_stop_the_run(tmp_path, synthetic_dir, caplog):
     # one training image: every batch's 5 pairs show it, so the loss has no negative at any step
-    config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), max_train_images=1, per_device_train_batch_size=5,
-                             num_train_epochs=20, do_eval=False, do_predict=False, eval_strategy="no",
-                             save_strategy="no", load_best_model_at_end=False)  # fmt: skip
-    with caplog.at_level("WARNING"), pytest.raises(ValueError, match=r"None of the first 10 batches had two different images"):
+    config = tiny_run_config(
+        synthetic_dir,
+        str(tmp_path / "out"),
+        max_train_images=1,
+        per_device_train_batch_size=5,
+        num_train_epochs=20,
+        do_eval=False,
+        do_predict=False,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
+    with (
+        caplog.at_level("WARNING"),
+        pytest.raises(ValueError, match=r"None of the first 10 batches had two different images"),
+    ):
         run(tmp_path, config)
     warnings = [r.getMessage() for r in caplog.records if "has no negative" in r.getMessage()]
     assert len(warnings) == 10 and "10 such steps so far" in warnings[-1]
@@ -109,9 +140,19 @@ def test_five_fold_on_a_split_that_is_not_5000_images_fails_before_training(tmp_
 
 
 def test_a_head_override_that_changes_weight_shapes_of_a_saved_model_is_named(tmp_path, synthetic_dir, saved_model):
-    config = {"model_name_or_path": str(saved_model), "dataset_dir": synthetic_dir, "output_dir": str(tmp_path / "e"),
-              "do_train": False, "do_eval": True, "use_cpu": True, "report_to": "none", "embed_size": 64}  # fmt: skip
-    with pytest.raises(ValueError, match=r"--embed_size 64 would change the shape of weights of the trained model .*embed_size=32"):
+    config = {
+        "model_name_or_path": str(saved_model),
+        "dataset_dir": synthetic_dir,
+        "output_dir": str(tmp_path / "e"),
+        "do_train": False,
+        "do_eval": True,
+        "use_cpu": True,
+        "report_to": "none",
+        "embed_size": 64,
+    }
+    with pytest.raises(
+        ValueError, match=r"--embed_size 64 would change the shape of weights of the trained model .*embed_size=32"
+    ):
         run(tmp_path, config)
     # a setting that changes no weight is fine
     results = run(tmp_path, {**config, "embed_size": None, "margin": 0.3})
@@ -121,9 +162,15 @@ def test_a_head_override_that_changes_weight_shapes_of_a_saved_model_is_named(tm
 def test_evaluation_only_on_a_test_only_dataset(tmp_path, synthetic_dir, saved_model):
     test_only = datasets.DatasetDict({"test": datasets.load_from_disk(synthetic_dir)["test"]})
     test_only.save_to_disk(str(tmp_path / "test_only"))
-    config = {"model_name_or_path": str(saved_model), "dataset_dir": str(tmp_path / "test_only"),
-              "output_dir": str(tmp_path / "e"), "do_train": False, "do_predict": True, "use_cpu": True,
-              "report_to": "none"}  # fmt: skip
+    config = {
+        "model_name_or_path": str(saved_model),
+        "dataset_dir": str(tmp_path / "test_only"),
+        "output_dir": str(tmp_path / "e"),
+        "do_train": False,
+        "do_predict": True,
+        "use_cpu": True,
+        "report_to": "none",
+    }
     results = run(tmp_path, config)
     assert results["test_r1_i2t"] >= 0 and not any(name.startswith("eval_") for name in results)
     with pytest.raises(ValueError, match=r"The dataset has no 'dev' split"):
@@ -133,17 +180,27 @@ def test_evaluation_only_on_a_test_only_dataset(tmp_path, synthetic_dir, saved_m
 # ---------------------------------------------------------------------------------------------- overwriting a finished run
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_the_flag(tmp_path, synthetic_dir):
     output_dir = tmp_path / "out"
     config = tiny_run_config(synthetic_dir, str(output_dir), num_train_epochs=1, do_predict=False)
     run(tmp_path, config)
     weights = (output_dir / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match=r"--output_dir .*out already holds .*model\.safetensors.*--overwrite_output_dir"):
+    with pytest.raises(
+        ValueError, match=r"--output_dir .*out already holds .*model\.safetensors.*--overwrite_output_dir"
+    ):
         run(tmp_path, {**config, "seed": 8})
     assert (output_dir / "model.safetensors").read_bytes() == weights
     # evaluating a saved model into its own folder would overwrite its recorded results: refused too
-    evaluation = {"model_name_or_path": str(output_dir), "dataset_dir": synthetic_dir, "output_dir": str(output_dir),
-                  "do_train": False, "do_eval": True, "use_cpu": True, "report_to": "none"}  # fmt: skip
+    evaluation = {
+        "model_name_or_path": str(output_dir),
+        "dataset_dir": synthetic_dir,
+        "output_dir": str(output_dir),
+        "do_train": False,
+        "do_eval": True,
+        "use_cpu": True,
+        "report_to": "none",
+    }
     with pytest.raises(ValueError, match="already holds"):
         run(tmp_path, evaluation)
     run(tmp_path, {**config, "seed": 8, "overwrite_output_dir": True})
@@ -162,7 +219,9 @@ def test_token_ids_outside_the_vocabulary_and_too_long_captions_name_the_limit()
     with pytest.raises(ValueError, match=r"token id 30522, outside the text tower's vocabulary of 99"):
         model(pixel_values, bad_ids, attention_mask)
     long_ids, long_mask = random_text_batch([70, 5])
-    with pytest.raises(ValueError, match=r"70 tokens per caption, more than the text tower's 64 positions .*max_position_embeddings=64"):
+    with pytest.raises(
+        ValueError, match=r"70 tokens per caption, more than the text tower's 64 positions .*max_position_embeddings=64"
+    ):
         model(pixel_values, long_ids, long_mask)
 
 
@@ -201,7 +260,9 @@ def test_exif_orientation_is_applied_wherever_an_image_is_decoded():
     torch.testing.assert_close(from_file, expected)
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))))
+@pytest.mark.parametrize(
+    "name", sorted(os.listdir(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")))
+)
 def test_every_shipped_config_passes_the_type_check(name):
     path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name)
     config = load_json_arguments(path)

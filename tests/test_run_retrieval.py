@@ -16,8 +16,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import REPO, run_main, tiny_run_config, write_config
-from fresh_process import run_without_project
+from helpers import REPO, run_main, run_without_project, tiny_run_config, write_config
 from scta_train.arguments import SCTATrainingArguments, parse_arguments
 from scta_train.checks import check_launch
 from scta_train.metrics import recall_summary, retrieval_eval_loss, retrieval_metrics, retrieval_ranks
@@ -107,7 +106,9 @@ def test_eval_loss_on_a_hand_built_matrix():
 
 
 def test_results_table_lists_both_directions():
-    metrics = {f"test_{name}": value for name, value in recall_summary(torch.tensor([0, 3]), torch.tensor([1, 0])).items()}
+    metrics = {
+        f"test_{name}": value for name, value in recall_summary(torch.tensor([0, 3]), torch.tensor([1, 0])).items()
+    }
     table = format_results(metrics, "test")
     assert "image -> text" in table and "text -> image" in table and "rsum" in table
     assert "50.0" in table
@@ -130,13 +131,18 @@ def _head_learning_rates(trainer, optimizer, num_steps: int) -> list[float]:
 def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
     from datasets import load_from_disk
 
+    from helpers import tiny_scta_config
     from modeling_scta import SCTAModel
-    from tiny_models import tiny_scta_config
 
     model = SCTAModel(tiny_scta_config())
     args = SCTATrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, per_device_train_batch_size=32,
-        lr_decay_epochs=[1, 3], lr_decay_factor=0.3, report_to="none",
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        learning_rate=1e-3,
+        per_device_train_batch_size=32,
+        lr_decay_epochs=[1, 3],
+        lr_decay_factor=0.3,
+        report_to="none",
     )
     train = load_from_disk(synthetic_dir)["train"]  # 96 images -> 480 pairs -> 15 steps per epoch
     trainer = SCTATrainer(model=model, args=args, train_dataset=[None] * 480, eval_dataset=train)
@@ -159,13 +165,22 @@ def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
 
 
 def test_linear_warmup_then_step_decay(tmp_path):
+    from helpers import tiny_scta_config
     from modeling_scta import SCTAModel
-    from tiny_models import tiny_scta_config
 
     args = SCTATrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-3, per_device_train_batch_size=32,
-        lr_decay_epochs=[1], lr_decay_factor=0.3, warmup_steps=10, optim="adamw_torch", report_to="none",
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        learning_rate=1e-3,
+        per_device_train_batch_size=32,
+        lr_decay_epochs=[1],
+        lr_decay_factor=0.3,
+        warmup_steps=10,
+        optim="adamw_torch",
+        report_to="none",
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
     )
     trainer = SCTATrainer(model=SCTAModel(tiny_scta_config()), args=args, train_dataset=[None] * 480)
     optimizer = trainer.create_optimizer()
@@ -198,17 +213,42 @@ def trained_run(tmp_path_factory, synthetic_dir):
     return SimpleNamespace(output_dir=output_dir, results=results, config=config)
 
 
+@pytest.mark.slow
 def test_short_training_run_writes_a_complete_output_folder(trained_run):
     output_dir = trained_run.output_dir
     files = set(os.listdir(output_dir))
-    assert {"model.safetensors", "config.json", "configuration_scta.py", "modeling_scta.py", "processing_scta.py"} <= files
-    assert {"processor_config.json", "README.md", "eval_results.json", "test_results.json", "train_results.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "configuration_scta.py",
+        "modeling_scta.py",
+        "processing_scta.py",
+    } <= files
+    assert {
+        "processor_config.json",
+        "README.md",
+        "eval_results.json",
+        "test_results.json",
+        "train_results.json",
+    } <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) and "training_args" not in name for name in files)
     auto_map = json.loads((output_dir / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_scta.SCTAModel"
     test_results = json.loads((output_dir / "test_results.json").read_text())
-    for name in ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum", "medr_i2t", "meanr_i2t",
-                 "medr_t2i", "meanr_t2i", "loss"):
+    for name in (
+        "r1_i2t",
+        "r5_i2t",
+        "r10_i2t",
+        "r1_t2i",
+        "r5_t2i",
+        "r10_t2i",
+        "rsum",
+        "medr_i2t",
+        "meanr_i2t",
+        "medr_t2i",
+        "meanr_t2i",
+        "loss",
+    ):
         assert math.isfinite(test_results[f"test_{name}"]), name
     assert trained_run.results["nonfinite_loss_steps"] == 0
     state = json.loads((output_dir / "trainer_state.json").read_text())
@@ -267,6 +307,7 @@ def _scores_here(folder: Path) -> torch.Tensor:
         return model(**inputs).logits_per_image
 
 
+@pytest.mark.slow
 def test_output_folder_loads_in_a_fresh_process_with_remote_code(trained_run, tmp_path):
     result = run_without_project(LOAD_AND_SCORE.format(folder=str(trained_run.output_dir)), tmp_path)
     scores = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -278,13 +319,20 @@ def test_evaluating_the_saved_folder_reproduces_its_metrics(trained_run, tmp_pat
         "model_name_or_path": str(trained_run.output_dir),
         "dataset_dir": synthetic_dir,
         "output_dir": str(tmp_path / "eval"),
-        "do_train": False, "do_eval": True, "do_predict": True,
-        "per_device_eval_batch_size": 7, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+        "do_train": False,
+        "do_eval": True,
+        "do_predict": True,
+        "per_device_eval_batch_size": 7,
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
     }
     results = run_main([write_config(tmp_path / "eval.json", config)])
     recorded = json.loads((trained_run.output_dir / "test_results.json").read_text())
     for name, value in recorded.items():
-        if not name.endswith(("runtime", "per_second")):
+        if name == "setting":
+            assert results[name] == value  # the data and head settings the results belong to
+        elif not name.endswith(("runtime", "per_second")):
             assert results[name] == pytest.approx(value, abs=1e-6), name
     again = run_main([write_config(tmp_path / "eval.json", config)])
     assert {k: v for k, v in again.items() if "runtime" not in k and "per_second" not in k} == {
@@ -318,7 +366,9 @@ def test_candidate_recall_and_two_stage_matrices_on_a_hand_built_case():
     assert {(int(k) // 5, int(k) % 5) for k in pair_keys} == expected_pairs
     exact = torch.arange(15, dtype=torch.float32).view(3, 5) / 10  # stands in for head scores
     pair_scores = exact.view(-1)[pair_keys]
-    image_to_text, text_to_image = two_stage_score_matrices(global_scores.clone(), top_captions, top_images, pair_scores, inverse)
+    image_to_text, text_to_image = two_stage_score_matrices(
+        global_scores.clone(), top_captions, top_images, pair_scores, inverse
+    )
     for image in range(3):
         for caption in range(5):
             in_i2t = caption in top_captions[image].tolist()
@@ -333,14 +383,18 @@ def _eval_config(trained_run, synthetic_dir, output_dir, **overrides):
         "model_name_or_path": str(trained_run.output_dir),
         "dataset_dir": synthetic_dir,
         "output_dir": str(output_dir),
-        "do_train": False, "do_eval": True,
-        "per_device_eval_batch_size": 5, "use_cpu": True, "report_to": "none", "disable_tqdm": True,
+        "do_train": False,
+        "do_eval": True,
+        "per_device_eval_batch_size": 5,
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
         **overrides,
     }
 
 
 def _quality_metrics(results: dict) -> dict:
-    skip = ("runtime", "per_second", "_pairs", "candidate_recall")
+    skip = ("runtime", "per_second", "_pairs", "candidate_recall", "setting")
     return {name: value for name, value in results.items() if not any(part in name for part in skip)}
 
 
@@ -361,7 +415,9 @@ def test_two_stage_evaluation_equals_exhaustive_when_k_covers_the_corpus(trained
     assert three_stage["eval_middle_pairs"] == 16 * 80
     assert _quality_metrics(three_stage) == pytest.approx(expected, abs=1e-5)
 
-    small = run_main([write_config(tmp_path / "c.json", {**config, "output_dir": str(tmp_path / "c"), "rerank_top_k": 3})])
+    small = run_main(
+        [write_config(tmp_path / "c.json", {**config, "output_dir": str(tmp_path / "c"), "rerank_top_k": 3})]
+    )
     assert small["eval_head_pairs"] < 16 * 3 + 80 * 3  # both directions' candidates, shared pairs scored once
     assert 0 <= small["eval_candidate_recall_t2i"] <= 100
     with pytest.raises(ValueError, match="rerank_top_k must be >= 0"):
@@ -380,11 +436,16 @@ class CapturingHubApi:
     def create_repo(self, repo_id, **kwargs):
         return SimpleNamespace(repo_id=f"someone/{repo_id}")
 
-    def upload_folder(self, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, run_as_future=False, **kwargs):
+    def upload_folder(
+        self, repo_id, folder_path, path_in_repo=None, ignore_patterns=None, run_as_future=False, **kwargs
+    ):
         target = self.capture_dir / repo_id / (path_in_repo or "")
         for source in Path(folder_path).rglob("*"):
             relative = source.relative_to(folder_path).as_posix()
-            if source.is_file() and not any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative.split("/")[0], p) for p in ignore_patterns or ()):
+            if source.is_file() and not any(
+                fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative.split("/")[0], p)
+                for p in ignore_patterns or ()
+            ):
                 (target / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(source, target / relative)
         self.uploads.append((repo_id, kwargs.get("commit_message")))
@@ -396,12 +457,18 @@ class CapturingHubApi:
         return result
 
 
+@pytest.mark.slow
 def test_push_to_hub_uploads_a_folder_that_loads_in_a_fresh_process(tmp_path, synthetic_dir, monkeypatch):
     hub = CapturingHubApi(tmp_path / "hub")
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
     config = tiny_run_config(
-        synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, do_predict=False,
-        push_to_hub=True, hub_model_id="scta-tiny", hub_strategy="end",
+        synthetic_dir,
+        str(tmp_path / "out"),
+        num_train_epochs=1,
+        do_predict=False,
+        push_to_hub=True,
+        hub_model_id="scta-tiny",
+        hub_strategy="end",
     )
     run_main([write_config(tmp_path / "push.json", config)])
     assert hub.uploads and hub.uploads[-1][0] == "someone/scta-tiny"
@@ -420,7 +487,9 @@ def test_argument_errors_say_what_to_fix(tmp_path, synthetic_dir):
     base = tiny_run_config(synthetic_dir, str(tmp_path / "out"))
     with pytest.raises(ValueError, match="exactly one model source"):
         run_main([write_config(tmp_path / "a.json", {**base, "model_name_or_path": str(tmp_path)})])
-    with pytest.raises(ValueError, match="--dataset_name 'coco' is not the built-in 'synthetic_shapes' set nor a local folder"):
+    with pytest.raises(
+        ValueError, match="--dataset_name 'coco' is not the built-in 'synthetic_shapes' set nor a local folder"
+    ):
         bad = {k: v for k, v in base.items() if k != "dataset_dir"}
         run_main([write_config(tmp_path / "b.json", {**bad, "dataset_name": "coco"})])
     not_scta = tmp_path / "bert"
@@ -434,7 +503,9 @@ def test_argument_errors_say_what_to_fix(tmp_path, synthetic_dir):
         run_main([write_config(tmp_path / "e.json", {**base, "patch_keep_ratio": 1.5})])
     with pytest.raises(ValueError, match="--lr_scheduler_type cosine .* not used .*--warmup_steps.*--lr_decay_epochs"):
         run_main([write_config(tmp_path / "g.json", {**base, "lr_scheduler_type": "cosine"})])
-    with pytest.raises(ValueError, match=r"--optim adafactor is not used .*AdamW.*\['adamw_torch', 'adamw_torch_fused'\]"):
+    with pytest.raises(
+        ValueError, match=r"--optim adafactor is not used .*AdamW.*\['adamw_torch', 'adamw_torch_fused'\]"
+    ):
         run_main([write_config(tmp_path / "h.json", {**base, "optim": "adafactor"})])
     with pytest.raises(ValueError, match="--dataset_dir .* does not exist"):
         run_main([write_config(tmp_path / "f.json", {**base, "dataset_dir": str(tmp_path / "nowhere")})])
@@ -453,16 +524,24 @@ def _torchrun(arguments: list[str], cwd, timeout: int = 600) -> subprocess.Compl
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     # faulthandler and C++ stack traces: a crash (seen once on CI: SIGABRT in a worker) says where it happened
     environment = {
-        **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO,
-        "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1",
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": REPO,
+        "PYTHONFAULTHANDLER": "1",
+        "TORCH_SHOW_CPP_STACKTRACES": "1",
     }
-    result = subprocess.run(command + arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        command + arguments, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:  # all of it, for a failure seen only on another machine
         print(f"torchrun exited with {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
-    assert result.returncode == 0, f"torchrun exited with {result.returncode}; its output is under 'Captured stdout call'"
+    assert result.returncode == 0, (
+        f"torchrun exited with {result.returncode}; its output is under 'Captured stdout call'"
+    )
     return result
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path):
     _torchrun([os.path.join(REPO, "tests", "distributed_check.py"), str(tmp_path / "report.json")], tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -472,6 +551,7 @@ def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path):
         assert numbers["max_gradient_error"] <= 1e-5 * numbers["max_gradient"], phase
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [(0, 0), (4, 0), (4, 9)], ids=["exhaustive", "two-stage", "three-stage"])
 def test_two_process_evaluation_equals_one_process(trained_run, tmp_path, synthetic_dir, stages):
     rerank_top_k, middle_stage_top_n = stages
@@ -482,10 +562,13 @@ def test_two_process_evaluation_equals_one_process(trained_run, tmp_path, synthe
     two = json.loads((tmp_path / "eval2" / "eval_results.json").read_text())
     one = run_main([write_config(tmp_path / "eval1.json", {**config, "output_dir": str(tmp_path / "eval1")})])
     for name, value in two.items():
-        if not name.endswith(("runtime", "per_second")):
+        if name == "setting":
+            assert value == one[name]
+        elif not name.endswith(("runtime", "per_second")):
             assert value == pytest.approx(one[name], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_two_process_training_runs_to_the_end(tmp_path, synthetic_dir):
     config = tiny_run_config(synthetic_dir, str(tmp_path / "out"), num_train_epochs=1, per_device_train_batch_size=16)
     result = _torchrun([os.path.join(REPO, "run_retrieval.py"), write_config(tmp_path / "run.json", config)], tmp_path)
@@ -516,6 +599,7 @@ ZERO_SHOT = """
 """
 
 
+@pytest.mark.slow
 def test_zero_shot_image_classification_pipeline_loads_the_model_with_remote_code(trained_run, tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer

@@ -5,9 +5,8 @@ import inspect
 import pytest
 import torch
 
+from helpers import CAPTION_LENGTHS, SCTAModelTester, make_head, random_text_batch, random_tokens, tiny_scta_config
 from modeling_scta import CaptionKeyTokens, SCTAModel, cosine_similarity_matrix, scta_loss
-from test_modeling import CAPTION_LENGTHS, SCTAModelTester, make_head, random_tokens
-from tiny_models import random_text_batch, tiny_scta_config
 
 
 def encoded_corpus(head, num_images=7, lengths=CAPTION_LENGTHS, dtype=torch.float32):
@@ -130,8 +129,11 @@ def test_global_embeddings_are_the_pooled_tokens_of_the_chosen_pooling():
 def test_auxiliary_global_objective_is_added_with_its_weight_and_trains_the_towers():
     tester = SCTAModelTester()
     inputs = dict(
-        pixel_values=tester.pixel_values, input_ids=tester.input_ids, attention_mask=tester.attention_mask,
-        return_loss=True, hardest_negative=False,
+        pixel_values=tester.pixel_values,
+        input_ids=tester.input_ids,
+        attention_mask=tester.attention_mask,
+        return_loss=True,
+        hardest_negative=False,
     )
     base = SCTAModelTester().model.train()
     weighted = SCTAModelTester(global_loss_weight=2.0).model.train()
@@ -164,7 +166,9 @@ def test_similarity_with_no_images_or_no_captions_is_empty():
     assert model.similarity(images, texts[:0], mask[:0]).shape == (3, 0)
     captions = model.caption_key_tokens(texts, mask)
     assert model.score(images[:0], captions).shape == (0, 4)
-    assert model.score_candidates(images, captions, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert model.score_candidates(
+        images, captions, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    ).shape == (0,)
 
 
 @pytest.mark.parametrize("vision_has_cls_token", [True, False])
@@ -204,8 +208,12 @@ def test_forward_follows_transformers_conventions_and_rejects_unknown_arguments(
         model.config.return_dict = False
         as_config = model(**inputs)
         model.config.return_dict = True
-        with_towers = model(**inputs, token_type_ids=torch.zeros_like(tester.input_ids), output_hidden_states=True,
-                            output_attentions=True)  # fmt: skip
+        with_towers = model(
+            **inputs,
+            token_type_ids=torch.zeros_like(tester.input_ids),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
     assert torch.equal(loss, outputs.loss) and torch.equal(logits_per_image, outputs.logits_per_image)
     assert isinstance(as_config, tuple) and torch.equal(as_config[0], outputs.logits_per_image)  # no loss: logits first
     # one layer: embeddings + layer output (attentions follow the towers' attention implementation, as in CLIP)
@@ -229,4 +237,6 @@ def test_resizing_the_text_towers_embeddings_after_adding_tokens(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = SCTAModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(tester.pixel_values, input_ids, tester.attention_mask).logits_per_image, scores)
+        torch.testing.assert_close(
+            loaded(tester.pixel_values, input_ids, tester.attention_mask).logits_per_image, scores
+        )

@@ -1,7 +1,11 @@
 """The study features of run_retrieval.py: the global baseline end to end, results that carry their seed and their
-aggregation over seeds, mixed tower sources, the extended-metrics hook and its COCO-only refusal, bench/ablation.py."""
+aggregation over seeds, mixed tower sources, the extended-metrics hook and its COCO-only refusal, studies/ablation.py."""
 
+import hashlib
+import importlib.util
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,12 +17,12 @@ import transformers
 
 import scta_train.checks
 import scta_train.pipeline
-from conftest import REPO, TINY_TOWERS, run_main, tiny_run_config, write_config
+from helpers import REPO, TINY_TOWERS, run_main, tiny_run_config, write_config
 from modeling_scta import SCTAModel
-from processing_scta import train_wordpiece_tokenizer
 from scta_train import aggregate
 from scta_train.arguments import ModelArguments
 from scta_train.models import build_model, build_processor
+from scta_train.processing import train_wordpiece_tokenizer
 from scta_train.results import aggregate_runs, render_aggregate_table
 
 
@@ -38,9 +42,17 @@ def test_the_global_baseline_trains_and_evaluates_by_one_setting(tmp_path, synth
     assert results["test_head_pairs"] == 16 * 80 and results["seed"] == 7
     assert "scoring_head=global" in (tmp_path / "global" / "README.md").read_text()
     # the key-token head's second stage makes no sense for it: refused, not silently skipped
-    evaluate = {"model_name_or_path": str(tmp_path / "global"), "dataset_dir": synthetic_dir, "do_train": False,
-                "do_predict": True, "rerank_top_k": 4, "output_dir": str(tmp_path / "again"), "use_cpu": True,
-                "report_to": "none", "disable_tqdm": True}  # fmt: skip
+    evaluate = {
+        "model_name_or_path": str(tmp_path / "global"),
+        "dataset_dir": synthetic_dir,
+        "do_train": False,
+        "do_predict": True,
+        "rerank_top_k": 4,
+        "output_dir": str(tmp_path / "again"),
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
     with pytest.raises(ValueError, match="scoring_head='global'.*--rerank_top_k 0"):
         run(tmp_path, evaluate, "again.json")
 
@@ -56,6 +68,7 @@ def seed_runs(tmp_path_factory, synthetic_dir):
     return folders
 
 
+@pytest.mark.slow
 def test_results_carry_the_seed_and_aggregate_to_mean_and_deviation(seed_runs):
     values = []
     for seed, folder in zip((1, 2, 3), seed_runs):
@@ -73,14 +86,26 @@ def test_results_carry_the_seed_and_aggregate_to_mean_and_deviation(seed_runs):
 
 
 def test_the_aggregate_command_prints_groups_and_refuses_repeated_seeds(seed_runs, tmp_path, capsys):
-    table = aggregate.main(["--group", "first two", *map(str, seed_runs[:2]), "--group", "all", *map(str, seed_runs),
-                            "--format", "text", "--json", str(tmp_path / "agg.json")])  # fmt: skip
+    table = aggregate.main(
+        [
+            "--group",
+            "first two",
+            *map(str, seed_runs[:2]),
+            "--group",
+            "all",
+            *map(str, seed_runs),
+            "--format",
+            "text",
+            "--json",
+            str(tmp_path / "agg.json"),
+        ]
+    )
     lines = table.splitlines()
     assert lines[0].startswith("runs") and "I2T R@1" in lines[0] and lines[1].startswith("first two")
     assert json.loads((tmp_path / "agg.json").read_text())["all"]["rsum"]["n"] == 3
     with pytest.raises(SystemExit):
         aggregate.main([str(seed_runs[0]), str(seed_runs[0])])
-    assert "same seed [1] would count twice" in capsys.readouterr().err
+    assert "given more than once would count twice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         aggregate.main([str(tmp_path)])
     assert "not a finished run_retrieval.py output folder" in capsys.readouterr().err
@@ -89,13 +114,16 @@ def test_the_aggregate_command_prints_groups_and_refuses_repeated_seeds(seed_run
 def test_one_tower_pretrained_and_the_other_from_scratch(tmp_path, synthetic_dir):
     tokenizer = train_wordpiece_tokenizer(["a big red circle on the left", "a small blue square at the top"], 120)
     text_folder = tmp_path / "bert"
-    bert_config = transformers.BertConfig(vocab_size=len(tokenizer), **{
-        k: v for k, v in TINY_TOWERS["text_config"].items() if k != "model_type"})  # fmt: skip
+    bert_config = transformers.BertConfig(
+        vocab_size=len(tokenizer), **{k: v for k, v in TINY_TOWERS["text_config"].items() if k != "model_type"}
+    )
     torch.manual_seed(3)
     pretrained = transformers.BertModel(bert_config, add_pooling_layer=False)
     pretrained.save_pretrained(text_folder)
     tokenizer.save_pretrained(text_folder)
-    model_args = ModelArguments(vision_config=TINY_TOWERS["vision_config"], text_model_name_or_path=str(text_folder), embed_size=32)
+    model_args = ModelArguments(
+        vision_config=TINY_TOWERS["vision_config"], text_model_name_or_path=str(text_folder), embed_size=32
+    )
     dataset = datasets.load_from_disk(synthetic_dir)
     processor = build_processor(model_args, dataset, "train")
     assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()  # the text tower's own tokenizer
@@ -111,8 +139,11 @@ def test_one_tower_pretrained_and_the_other_from_scratch(tmp_path, synthetic_dir
         expected = model.eval()(pixel_values=pixel_values, input_ids=input_ids).logits_per_image
         torch.testing.assert_close(reloaded(pixel_values=pixel_values, input_ids=input_ids).logits_per_image, expected)
     with pytest.raises(ValueError, match="the text tower has --text_model_name_or_path and --text_config"):
-        ModelArguments(vision_config=TINY_TOWERS["vision_config"], text_config=TINY_TOWERS["text_config"],
-                                     text_model_name_or_path=str(text_folder))  # fmt: skip
+        ModelArguments(
+            vision_config=TINY_TOWERS["vision_config"],
+            text_config=TINY_TOWERS["text_config"],
+            text_model_name_or_path=str(text_folder),
+        )
     with pytest.raises(ValueError, match="the vision tower has neither"):
         ModelArguments(text_model_name_or_path=str(text_folder))
 
@@ -124,6 +155,7 @@ def test_extra_metrics_reach_the_results_and_the_card(tmp_path, synthetic_dir, m
         def compute(image_to_text, text_to_image, caption_to_image, split):
             calls.append((tuple(image_to_text.shape), len(split)))
             return {"eccv_r1_i2t": 12.5, "eccv_r1_t2i": 25.0}
+
         return compute
 
     monkeypatch.setattr(scta_train.pipeline, "coco_metrics_hook", fake_extended)
@@ -143,14 +175,43 @@ def test_extended_coco_metrics_on_another_split_fail_before_training(tmp_path, s
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
     pytest.importorskip("matplotlib")
-    tiny = {**TINY_TOWERS, "embed_size": 32, "vocab_size": 400, "max_steps": 4, "warmup_steps": 1,
-            "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "synthetic_train_images": 48,
-            "synthetic_dev_images": 8, "synthetic_test_images": 8, "synthetic_image_size": 32,
-            "cache_dir": str(tmp_path / "cache"), "use_cpu": True, "dataloader_num_workers": 0}  # fmt: skip
-    command = [sys.executable, "bench/ablation.py", "--runs_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report"),
-               "--methods", "global", "laps", "--levels", "default", "--seeds", "0", "1", "--jobs", "2"]  # fmt: skip
+    tiny = {
+        **TINY_TOWERS,
+        "embed_size": 32,
+        "vocab_size": 400,
+        "max_steps": 4,
+        "warmup_steps": 1,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 32,
+        "synthetic_train_images": 48,
+        "synthetic_dev_images": 8,
+        "synthetic_test_images": 8,
+        "synthetic_image_size": 32,
+        "cache_dir": str(tmp_path / "cache"),
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+    }
+    command = [
+        sys.executable,
+        "studies/ablation.py",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--output",
+        str(tmp_path / "report"),
+        "--methods",
+        "global",
+        "laps",
+        "--levels",
+        "default",
+        "--seeds",
+        "0",
+        "1",
+        "--jobs",
+        "2",
+    ]
     for key, value in tiny.items():
         command += ["--override", key, json.dumps(value)]
     first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -159,9 +220,12 @@ def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
     chosen = report["protocol"]["chosen"]
     assert set(chosen) == {"global", "laps"}
     runs = sorted(p.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").glob("*/*/*") if p.is_dir())
-    expected = [f"default/{m}/lr{lr:g}-seed0" for m in ("global", "laps") for lr in (0.001, 0.002)]
-    expected += [f"default/{m}/lr{chosen[m]:g}-seed1" for m in ("global", "laps")]
+    key = "-" + hashlib.sha256(json.dumps(tiny, sort_keys=True).encode()).hexdigest()[:8]  # runs keyed by the overrides
+    expected = [f"default/{m}/lr{lr:g}-seed0{key}" for m in ("global", "laps") for lr in (0.001, 0.002)]
+    expected += [f"default/{m}/lr{chosen[m]:g}-seed1{key}" for m in ("global", "laps")]
     assert runs == sorted(expected)  # each method: both learning rates at seed 0, then seed 1 at the chosen one
+    assert report["protocol"]["overrides"] == tiny
+    assert "Settings changed from the protocol" in (tmp_path / "report" / "ablation.md").read_text()
     group = report["groups"]["default / global dual encoder"]
     assert group["rsum"]["n"] == 2 and group["rsum"]["seeds"] == [0, 1]
     assert (tmp_path / "report" / "ablation_recall.png").stat().st_size > 10_000
@@ -169,3 +233,71 @@ def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
     # resumable: a second call trains nothing
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and " start " not in second.stderr
+
+
+def study_main():
+    spec = importlib.util.spec_from_file_location("ablation_study", os.path.join(REPO, "studies", "ablation.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "0", "0"], "repeats a seed"),
+        (["--jobs", "0"], "--jobs: must be >= 1"),
+        (["--override", "max_steps", "many"], "the value must be JSON"),
+        (["--override", "max_stepz", "2"], "not a setting of run_retrieval.py"),
+        (["--levels", "default", "extreme"], "--levels extreme: not a caption-redundancy level"),
+        (["--methods", "clip"], "unknown methods"),
+    ],
+)
+def test_the_study_checks_its_arguments_before_training(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        study_main().main(["--runs_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "report"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_report_of_no_runs_is_refused_and_the_default_output_is_not_the_committed_report(tmp_path):
+    study = study_main()
+    with pytest.raises(SystemExit, match="no finished runs"):
+        study.main(["--report-only", "--runs_dir", str(tmp_path / "empty"), "--output", str(tmp_path / "report")])
+    assert not (tmp_path / "report").exists()
+    parser_default = study.REPO / "outputs" / "ablation" / "report"
+    assert "outputs/ablation/report" in study.__doc__ and parser_default.parts[-3:] == ("outputs", "ablation", "report")
+
+
+def test_aggregation_refuses_unseeded_runs_mixed_settings_repeated_labels_and_broken_results(
+    seed_runs, tmp_path, capsys
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(seed_runs[0], copy)
+    with pytest.raises(ValueError, match="same seed \\[1\\] would count twice"):
+        aggregate_runs([seed_runs[0], copy])
+    with pytest.raises(ValueError, match="given more than once"):
+        aggregate_runs([seed_runs[0], seed_runs[0]])
+    results = json.loads((copy / "all_results.json").read_text())
+    (copy / "all_results.json").write_text(
+        json.dumps(
+            {
+                **results,
+                "seed": 9,
+                "setting": {**results["setting"], "head": {**results["setting"]["head"], "word_aggregation": False}},
+            }
+        )
+    )
+    with pytest.raises(ValueError, match="different settings \\(head.word_aggregation: True vs False\\)"):
+        aggregate_runs([seed_runs[0], copy])
+    assert aggregate_runs([seed_runs[0], copy], allow_mixed_settings=True)["rsum"]["n"] == 2
+    (copy / "all_results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "seed"}))
+    with pytest.raises(ValueError, match="has no seed in its results"):
+        aggregate_runs([seed_runs[1], copy])
+    (copy / "all_results.json").write_text("{broken")
+    with pytest.raises(SystemExit):
+        aggregate.main([str(copy)])
+    assert "is not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        aggregate.main(["--group", "a", str(seed_runs[0]), "--group", "a", str(seed_runs[1])])
+    assert "--group a is given twice" in capsys.readouterr().err

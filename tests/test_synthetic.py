@@ -13,12 +13,12 @@ from dataset_scripts.synthetic_shapes import (
     COLOURS,
     FILLERS,
     MODIFIERS,
-    PREFIXES,
-    SUFFIXES,
     POSITION_PHRASES,
     POSITIONS,
+    PREFIXES,
     SHAPES,
     SIZE_WORDS,
+    SUFFIXES,
     ShapeObject,
     describe_scene,
     generate_synthetic_dataset,
@@ -26,6 +26,7 @@ from dataset_scripts.synthetic_shapes import (
     render_scene,
     sample_scenes,
 )
+
 
 SMALL = dict(train_images=30, dev_images=6, test_images=20)
 
@@ -58,8 +59,24 @@ def test_a_split_does_not_depend_on_the_other_split_sizes():
 
 
 def test_counts_schema_and_ids(tmp_path):
-    main(["--output_dir", str(tmp_path / "shapes"), "--seed", "1", "--train_images", "30", "--dev_images", "6",
-          "--test_images", "20", "--image_size", "48", "--num_proc", "1"])  # fmt: skip
+    main(
+        [
+            "--output_dir",
+            str(tmp_path / "shapes"),
+            "--seed",
+            "1",
+            "--train_images",
+            "30",
+            "--dev_images",
+            "6",
+            "--test_images",
+            "20",
+            "--image_size",
+            "48",
+            "--num_proc",
+            "1",
+        ]
+    )
     loaded = datasets.load_from_disk(str(tmp_path / "shapes"))
     assert {split: len(rows) for split, rows in loaded.items()} == {"train": 30, "dev": 6, "test": 20}
     all_ids = []
@@ -138,13 +155,19 @@ def test_bad_arguments_are_rejected(kwargs, message):
 
 
 def test_caption_redundancy_changes_the_captions_only_and_is_deterministic():
-    levels = {level: generate_synthetic_dataset(seed=2, num_proc=1, caption_redundancy=level, **SMALL) for level in CAPTION_REDUNDANCY}
+    levels = {
+        level: generate_synthetic_dataset(seed=2, num_proc=1, caption_redundancy=level, **SMALL)
+        for level in CAPTION_REDUNDANCY
+    }
     again = generate_synthetic_dataset(seed=2, num_proc=1, caption_redundancy="heavy", **SMALL)
     assert fingerprint(again) == fingerprint(levels["heavy"])
     assert len({fingerprint(dataset) for dataset in levels.values()}) == 3
     for split in SMALL:
         split = split.removesuffix("_images")
-        images = {level: dataset[split].cast_column("image", datasets.Image(decode=False))["image"] for level, dataset in levels.items()}
+        images = {
+            level: dataset[split].cast_column("image", datasets.Image(decode=False))["image"]
+            for level, dataset in levels.items()
+        }
         assert images["none"] == images["default"] == images["heavy"]  # the same PNG bytes at every level
         for level in ("none", "heavy"):
             assert levels[level][split]["image_id"] == levels["default"][split]["image_id"]
@@ -154,7 +177,10 @@ def test_default_redundancy_is_the_published_set():
     # The first and last caption of 50 seed-0 test scenes, as generated before the redundancy option existed.
     rng = np.random.default_rng([0, 2])
     captions = [describe_scene(scene, rng) for scene in sample_scenes(50, rng)]
-    assert captions[0][0] == "a simple drawing showing a green triangle that is big in the top right corner, which looks quite nice ."
+    assert (
+        captions[0][0]
+        == "a simple drawing showing a green triangle that is big in the top right corner, which looks quite nice ."
+    )
     assert captions[49][4] == (
         "a simple drawing showing a big white cross in the top right corner and a green ring that is large at the "
         "right side in a simple picture"

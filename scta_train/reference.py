@@ -1,4 +1,4 @@
-"""Plain-loop versions of the SCTA head, written from METHOD.md: the oracles the batched head is tested against.
+"""Plain-loop versions of the SCTA head, written from docs/METHOD.md: the oracles the batched head is tested against.
 
 `reference_pair_score` follows the specification literally for one (image, caption) pair.
 `reference_similarity_loop` has the published code's structure: a Python loop over captions, each caption
@@ -12,14 +12,17 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_pair_score(head, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+def reference_pair_score(
+    head, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_alignment: bool = False
+) -> torch.Tensor:
     """
-    Score of one pair, METHOD.md steps 1-6.
+    Score of one pair, docs/METHOD.md steps 1-6.
 
     Args:
         head: a `KeyTokenAlignmentHead` (its aggregators' weights and settings are used).
         image_tokens: `(T_img, C)` projected image tokens ([CLS] first if the tower has one).
         text_tokens: `(n, C)` the n real projected caption tokens, [CLS] first and [SEP] last.
+        text_alignment: return each text key token's best alignment `max_v S[u, v]` instead of the score.
     """
     if head.vision_has_cls_token:
         cls, patches = image_tokens[0], image_tokens[1:]
@@ -60,6 +63,8 @@ def reference_pair_score(head, image_tokens: torch.Tensor, text_tokens: torch.Te
         text_keys = F.normalize(torch.cat([text_tokens[:1], word_slots]), dim=-1)
     # 6. alignment
     similarities = F.leaky_relu(text_keys @ image_keys.t(), head.negative_slope)
+    if text_alignment:
+        return similarities.max(dim=1).values
     return similarities.max(dim=1).values.mean() + similarities.max(dim=0).values.mean()
 
 
