@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import machine_info, set_threads, write_json
+from benchlib import machine_info, set_threads, time_calls, write_json
 from dataset_scripts.synthetic_shapes import generate_synthetic_dataset, write_png_files
 from modeling_scta import SCTAModel
 from processing_scta import SCTAProcessor
@@ -51,12 +51,8 @@ def folder_size(path: Path) -> int:
 
 
 def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall seconds of `repeats` calls (benchlib's timing; this benchmark runs on the CPU)."""
+    return statistics.median(time_calls(function, repeats, torch.device("cpu")))
 
 
 def part_files(args, model, processor, work: Path) -> tuple[dict, Gallery, list[str]]:

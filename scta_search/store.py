@@ -361,12 +361,8 @@ class IndexStore:
         (stored,) = self.db.execute("SELECT coalesce(sum(rows), 0) FROM shards").fetchone()
         (shards,) = self.db.execute("SELECT count(*) FROM shards").fetchone()
         (live,) = self.db.execute("SELECT count(DISTINCT shard || ':' || row) FROM images").fetchone()
-        if (
-            stored == 0
-            or (stored - live < COMPACT_DEAD_SHARE * stored and shards <= COMPACT_MAX_SHARDS)
-            or shards <= 1
-            and stored == live
-        ):
+        dead = stored - live
+        if stored == 0 or (dead < COMPACT_DEAD_SHARE * stored and shards <= COMPACT_MAX_SHARDS):
             return False
         locations = sorted({(shard, row) for shard, row in self.db.execute("SELECT shard, row FROM images")})
         old = [shard for (shard,) in self.db.execute("SELECT id FROM shards")]

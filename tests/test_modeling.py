@@ -363,9 +363,16 @@ def test_init_is_deterministic_under_a_seed():
 def test_save_and_load_round_trip_through_auto_model(tmp_path):
     tester = SCTAModelTester()
     expected = tester.check_outputs().logits_per_image
-    tester.model.save_pretrained(tmp_path)
+    umask = os.umask(0o022)
+    try:
+        tester.model.save_pretrained(tmp_path)
+    finally:
+        os.umask(umask)
     assert (tmp_path / "model.safetensors").exists()
     assert {"configuration_scta.py", "modeling_scta.py"} <= set(os.listdir(tmp_path))
+    # the weights are as readable as the folder's other files (transformers writes them through a 0600 temp file)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_scta.SCTAConfig",
