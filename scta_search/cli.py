@@ -315,6 +315,10 @@ def run_query(args) -> None:
         raise ValueError("The query must be a non-empty string.")
     if args.negative is not None and not args.negative.strip():
         raise ValueError("--not needs a non-empty text.")
+    if args.faiss_factory:
+        from .store import check_faiss_factory
+
+        check_faiss_factory(args.faiss_factory)
     check_index(args)
     from .explain import draw_grid
     from .files import display

@@ -240,29 +240,32 @@ class Gallery:
         if faiss_factory:
             check_faiss_factory(faiss_factory)
         state = _process_state()
+        existed = Path(index_dir).exists()  # an empty folder the user made stays, even when nothing is indexed
         if state.is_main_process:
             store = IndexStore.create(index_dir, marker)
         state.wait_for_everyone()
         if not state.is_main_process:  # the others encode their share; the main process writes
             store = IndexStore.open(index_dir)
         gallery = cls(model, processor, store, temporary)
+
+        def discard() -> None:
+            """Nothing of value was written: leave no half-made index behind."""
+            gallery.close()
+            for path in sorted(Path(index_dir).rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            if not existed and Path(index_dir).exists():
+                Path(index_dir).rmdir()
+
         try:
             gallery._index(images, paths, batch_size)
         except BaseException:
             gallery.refresh()
             if len(gallery) == 0 and not store.skipped():
-                # nothing of value was written: leave no half-made index behind
-                store.close()
-                for path in sorted(Path(index_dir).rglob("*"), reverse=True):
-                    path.rmdir() if path.is_dir() else path.unlink()
-                Path(index_dir).rmdir()
+                discard()
             raise
         if len(gallery) == 0:
             skipped = gallery.store.skipped()
-            gallery.close()
-            for path in sorted(Path(index_dir).rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            Path(index_dir).rmdir()
+            discard()
             example = next(iter(skipped.items()))
             raise ValueError(
                 f"none of the {len(skipped)} image files under {display(str(images))} could be used (e.g. "

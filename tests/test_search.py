@@ -416,6 +416,10 @@ def test_a_folder_of_only_undecodable_files_writes_no_index(setup):
     with pytest.raises(ValueError, match="none of the 2 image files.*could be used.*no index was written"):
         build(tmp_path, model, processor, images=tmp_path / "junk")
     assert not (tmp_path / "index").exists()
+    (tmp_path / "made-by-me").mkdir()  # an empty folder the user made stays, empty
+    with pytest.raises(ValueError, match="no index was written"):
+        build(tmp_path, model, processor, images=tmp_path / "junk", index="made-by-me")
+    assert (tmp_path / "made-by-me").is_dir() and not list((tmp_path / "made-by-me").iterdir())
 
 
 def test_files_deleted_or_replaced_while_indexing(setup, monkeypatch):
