@@ -26,44 +26,27 @@ from pathlib import Path
 logger = logging.getLogger("scta_search")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def bounded(convert, accepted, rule: str):
+    """An argparse type: `convert` the text, then check it is `accepted`, else an error saying the `rule`."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if convert is int else 'number'}"
+            ) from None
+        if not accepted(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def cosine(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not -1 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a cosine in [-1, 1], got {value}")
-    return value
+positive_int = bounded(int, lambda value: value >= 1, "must be >= 1")
+non_negative_int = bounded(int, lambda value: value >= 0, "must be >= 0")
+share = bounded(float, lambda value: 0 < value <= 1, "must be in (0, 1]")
+cosine = bounded(float, lambda value: -1 <= value <= 1, "must be a cosine in [-1, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
