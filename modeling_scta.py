@@ -273,6 +273,8 @@ class KeyTokenAlignmentHead(nn.Module):
       that span, so autograd still gives the exact gradient.
     """
 
+    reranks = True  # the exact scores two-stage retrieval re-ranks candidates with
+
     def __init__(
         self,
         embed_size: int,
@@ -369,31 +371,15 @@ class KeyTokenAlignmentHead(nn.Module):
     def split_caption_tokens(
         self, text_tokens: torch.Tensor, token_mask: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(global token `(B, C)`, word tokens `(B, L', C)`, their mask): `T_0` and the n - 1 other real tokens.
-        `text_global_token="first"`: [CLS] and the tokens after it ([SEP] included); `"last"`: the end-of-text
-        token of a causal encoder (CLIP) and the tokens before it."""
-        if self.text_global_token == "first":
-            return text_tokens[:, 0], text_tokens[:, 1:], token_mask[:, 1:]
-        rows = torch.arange(len(text_tokens), device=text_tokens.device)
-        last = (lengths - 1).to(text_tokens.device)
-        word_mask = token_mask.clone()
-        word_mask[rows, last] = False
-        return text_tokens[rows, last], text_tokens, word_mask
+        """(global token `(B, C)`, word tokens `(B, L', C)`, their mask): `split_caption_tokens` with this head's
+        `text_global_token`."""
+        return split_caption_tokens(text_tokens, token_mask, lengths, self.text_global_token)
 
     # -- image side --------------------------------------------------------------------------------------------
 
     def split_image_tokens(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`(B, T_img, C)` -> ([CLS] `(B, C)` or None, patches `(B, N, C)`)."""
-        expected = self.num_patches + int(self.vision_has_cls_token)
-        if image_tokens.dim() != 3 or image_tokens.shape[1] != expected:
-            raise ValueError(
-                f"image tokens must be (batch, {expected}, embed_size) for this image tower "
-                f"({'[CLS] + ' if self.vision_has_cls_token else ''}{self.num_patches} patches), "
-                f"got shape {tuple(image_tokens.shape)}. Were they made by get_image_features of this model?"
-            )
-        if self.vision_has_cls_token:
-            return image_tokens[:, 0], image_tokens[:, 1:]
-        return None, image_tokens
+        return split_image_tokens(image_tokens, self.num_patches, self.vision_has_cls_token)
 
     def image_key_state(self, image_tokens: torch.Tensor) -> ImageKeyState:
         """Everything of steps 1-4 that depends on the image alone."""
@@ -661,6 +647,118 @@ class KeyTokenAlignmentHead(nn.Module):
         return self.block_scores(
             self.image_key_state(image_tokens), TextKeyTokens(text_key_tokens, text_key_mask, text_query)
         )
+
+
+def split_image_tokens(
+    image_tokens: torch.Tensor, num_patches: int, vision_has_cls_token: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`(B, T_img, C)` projected image tokens -> ([CLS] `(B, C)` or None, patches `(B, N, C)`)."""
+    expected = num_patches + int(vision_has_cls_token)
+    if image_tokens.dim() != 3 or image_tokens.shape[1] != expected:
+        raise ValueError(
+            f"image tokens must be (batch, {expected}, embed_size) for this image tower "
+            f"({'[CLS] + ' if vision_has_cls_token else ''}{num_patches} patches), "
+            f"got shape {tuple(image_tokens.shape)}. Were they made by get_image_features of this model?"
+        )
+    if vision_has_cls_token:
+        return image_tokens[:, 0], image_tokens[:, 1:]
+    return None, image_tokens
+
+
+def split_caption_tokens(
+    text_tokens: torch.Tensor, token_mask: torch.Tensor, lengths: torch.Tensor, text_global_token: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global token `(B, C)`, word tokens `(B, L', C)`, their mask): `T_0` and the n - 1 other real tokens.
+    `text_global_token="first"`: [CLS] and the tokens after it ([SEP] included); `"last"`: the end-of-text token of a
+    causal encoder (CLIP) and the tokens before it."""
+    if text_global_token == "first":
+        return text_tokens[:, 0], text_tokens[:, 1:], token_mask[:, 1:]
+    rows = torch.arange(len(text_tokens), device=text_tokens.device)
+    last = (lengths - 1).to(text_tokens.device)
+    word_mask = token_mask.clone()
+    word_mask[rows, last] = False
+    return text_tokens[rows, last], text_tokens, word_mask
+
+
+class GlobalPooling:
+    """One vector per image and per caption (`config.global_pooling`): the mean of the patch tokens and of the
+    caption's real tokens (the two vectors the head's patch selection uses), or the [CLS] / end-of-text tokens."""
+
+    def __init__(self, num_patches: int, vision_has_cls_token: bool, text_global_token: str, global_pooling: str):
+        self.num_patches, self.vision_has_cls_token = num_patches, vision_has_cls_token
+        self.text_global_token, self.global_pooling = text_global_token, global_pooling
+
+    @classmethod
+    def from_config(cls, config: SCTAConfig) -> "GlobalPooling":
+        return cls(config.num_patches, config.vision_has_cls_token, config.text_global_token, config.global_pooling)
+
+    def image(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, T_img, C)` -> `(B, C)`."""
+        cls, patches = split_image_tokens(image_tokens, self.num_patches, self.vision_has_cls_token)
+        if self.global_pooling == "cls" and cls is not None:
+            return cls
+        return patches.mean(1)  # the vector the head's s_self compares patches with
+
+    def text(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`(B, L, C)` -> `(B, C)`."""
+        if self.global_pooling == "cls":  # the caption's global token: [CLS], or CLIP's end-of-text
+            lengths = text_lengths(attention_mask)
+            return split_caption_tokens(text_tokens, attention_mask.bool(), lengths, self.text_global_token)[0]
+        mask = attention_mask.to(text_tokens.dtype)[..., None]  # (B, L, 1)
+        return (text_tokens * mask).sum(1) / mask.sum(1).clamp_min(1)  # the head's s_text query, before norm
+
+
+class GlobalCosineScorer(nn.Module):
+    """
+    `scoring_head="global"`: a pair's score is the cosine of the image's and the caption's global embeddings (a dual
+    encoder; the ablation study's baseline). It has the scoring interface of `KeyTokenAlignmentHead` (`forward`,
+    `caption_key_tokens`, `score`, `score_pairs`) and no parameters: a global-only model builds no key-token head.
+    """
+
+    reranks = False  # its scores are the first stage's: re-ranking candidates with them changes nothing
+
+    def __init__(self, pooling: GlobalPooling):
+        super().__init__()
+        self.pooling = pooling
+
+    def forward(self, image_tokens, text_tokens, text_attention_mask, image_chunk_size=None, text_chunk_size=None):
+        """Scores `(B_img, B_txt)`."""
+        return cosine_similarity_matrix(
+            self.pooling.image(image_tokens), self.pooling.text(text_tokens, text_attention_mask)
+        )
+
+    def caption_key_tokens(self, text_tokens: torch.Tensor, text_attention_mask: torch.Tensor) -> CaptionKeyTokens:
+        """The one key token of a caption: its normalised global embedding."""
+        embeds = F.normalize(self.pooling.text(text_tokens, text_attention_mask), dim=-1)  # (B_txt, C)
+        mask = torch.ones(len(embeds), 1, dtype=torch.bool, device=embeds.device)
+        return CaptionKeyTokens.from_padded(TextKeyTokens(embeds[:, None], mask, embeds))
+
+    def score(
+        self, image_tokens, captions: CaptionKeyTokens, image_chunk_size=None, text_chunk_size=None, progress=False
+    ):
+        """`(B_img, n)` cosines of the images' global embeddings with the captions'."""
+        caption_embeds = captions.query
+        device, dtype = caption_embeds.device, caption_embeds.dtype
+        parts = [
+            self.pooling.image(image_tokens[span].to(device=device, dtype=dtype))
+            for span in _spans(image_tokens.shape[0], 4096)
+        ]
+        image_global = torch.cat(parts) if parts else caption_embeds.new_zeros(0, caption_embeds.shape[-1])
+        return F.normalize(image_global, dim=-1) @ caption_embeds.t()
+
+    def score_pairs(self, image_tokens, captions: CaptionKeyTokens, image_index, caption_index, *chunks_and_progress):
+        """Cosines of the `(P,)` chosen pairs."""
+        device, dtype = captions.query.device, captions.query.dtype
+        chosen = image_tokens.index_select(0, image_index.to(image_tokens.device)).to(device=device, dtype=dtype)
+        caption_embeds = captions.query.index_select(0, caption_index.to(device))
+        return (F.normalize(self.pooling.image(chosen), dim=-1) * caption_embeds).sum(-1)
+
+
+def build_scorer(config: SCTAConfig) -> nn.Module:
+    """The pair scorer `config.scoring_head` names: the SCTA key-token head, or the global cosine."""
+    if config.scoring_head == "global":
+        return GlobalCosineScorer(GlobalPooling.from_config(config))
+    return KeyTokenAlignmentHead.from_config(config)
 
 
 def pair_blocks(
@@ -1094,7 +1192,11 @@ class SCTAModel(SCTAPreTrainedModel):
         embed_size = config.embed_size
         self.vision_projection = nn.Linear(vision_width, embed_size) if vision_width != embed_size else nn.Identity()
         self.text_projection = nn.Linear(text_width, embed_size) if text_width != embed_size else nn.Identity()
-        self.head = KeyTokenAlignmentHead.from_config(config)
+        self.head = build_scorer(config)  # the key-token head, or the global cosine (no parameters)
+        self.global_pooling = GlobalPooling.from_config(config)
+        if not isinstance(self.head, KeyTokenAlignmentHead):
+            # checkpoints of earlier releases stored the key-token head of global-only models, never used
+            self._keys_to_ignore_on_load_unexpected = [r"^head\."]
         self.post_init()
 
     @can_return_tuple
@@ -1186,17 +1288,11 @@ class SCTAModel(SCTAPreTrainedModel):
 
     def pool_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """`(B, T_img, C)` projected image tokens -> `(B, C)` global embeddings (`config.global_pooling`)."""
-        cls, patches = self.head.split_image_tokens(image_tokens)
-        if self.config.global_pooling == "cls" and cls is not None:
-            return cls
-        return patches.mean(1)  # the vector the head's s_self compares patches with
+        return self.global_pooling.image(image_tokens)
 
     def pool_text_tokens(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`(B, L, C)` projected caption tokens -> `(B, C)` global embeddings (`config.global_pooling`)."""
-        if self.config.global_pooling == "cls":  # the caption's global token: [CLS], or CLIP's end-of-text
-            return self.head.split_caption_tokens(text_tokens, attention_mask.bool(), text_lengths(attention_mask))[0]
-        mask = attention_mask.to(text_tokens.dtype)[..., None]  # (B, L, 1)
-        return (text_tokens * mask).sum(1) / mask.sum(1).clamp_min(1)  # the head's s_text query, before norm
+        return self.global_pooling.text(text_tokens, attention_mask)
 
     def global_similarity(self, image_global_embeds: torch.Tensor, text_global_embeds: torch.Tensor) -> torch.Tensor:
         """`(B_img, B_txt)` cosine similarities of global embeddings: the first stage of two-stage retrieval."""
@@ -1209,10 +1305,6 @@ class SCTAModel(SCTAPreTrainedModel):
         `CaptionKeyTokens.cat`. With `scoring_head="global"` the one key token of a caption is its normalised
         global embedding.
         """
-        if self.config.scoring_head == "global":
-            embeds = F.normalize(self.pool_text_tokens(text_embeds, attention_mask), dim=-1)  # (B_txt, C)
-            mask = torch.ones(len(embeds), 1, dtype=torch.bool, device=embeds.device)
-            return CaptionKeyTokens.from_padded(TextKeyTokens(embeds[:, None], mask, embeds))
         return self.head.caption_key_tokens(text_embeds, attention_mask)
 
     def score(
@@ -1229,19 +1321,7 @@ class SCTAModel(SCTAPreTrainedModel):
         on them). `image_embeds` from `get_image_features(...).last_hidden_state`, in any dtype or device.
         `progress=True` shows a progress bar.
         """
-        if self.config.scoring_head == "global":
-            return self._global_pair_scores(image_embeds, captions.query)
         return self.head.score(image_embeds, captions, image_chunk_size, text_chunk_size, progress)
-
-    def _global_pair_scores(self, image_embeds: torch.Tensor, caption_embeds: torch.Tensor) -> torch.Tensor:
-        """`scoring_head="global"`: cosine of every image's global embedding with normalised caption embeddings."""
-        device, dtype = caption_embeds.device, caption_embeds.dtype
-        parts = [
-            self.pool_image_tokens(image_embeds[span].to(device=device, dtype=dtype))
-            for span in _spans(image_embeds.shape[0], 4096)
-        ]
-        image_global = torch.cat(parts) if parts else caption_embeds.new_zeros(0, caption_embeds.shape[-1])
-        return F.normalize(image_global, dim=-1) @ caption_embeds.t()
 
     def score_candidates(
         self,
@@ -1268,15 +1348,6 @@ class SCTAModel(SCTAPreTrainedModel):
         ):
             if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
                 raise ValueError(f"{name} has entries outside [0, {size}): {int(index.min())}..{int(index.max())}.")
-        if self.config.scoring_head == "global":
-            device, dtype = captions.query.device, captions.query.dtype
-            image_global = self.pool_image_tokens(
-                image_embeds.index_select(0, image_index.reshape(-1).to(image_embeds.device)).to(
-                    device=device, dtype=dtype
-                )
-            )
-            caption_embeds = captions.query.index_select(0, caption_index.reshape(-1).to(device))
-            return (F.normalize(image_global, dim=-1) * caption_embeds).sum(-1).view(image_index.shape)
         scores = self.head.score_pairs(
             image_embeds,
             captions,
@@ -1330,7 +1401,7 @@ class SCTAModel(SCTAPreTrainedModel):
         return scores.view(image_index.shape)
 
     def _check_key_token_head(self, what: str) -> None:
-        if self.config.scoring_head != "key_tokens":
+        if not isinstance(self.head, KeyTokenAlignmentHead):
             raise ValueError(
                 f"{what} needs the key-token head, but this model scores pairs by scoring_head="
                 f"{self.config.scoring_head!r} (global embeddings only); it has no middle retrieval stage."
@@ -1357,10 +1428,6 @@ class SCTAModel(SCTAPreTrainedModel):
             `(B_img, B_txt)` scores. To score the same captions again, encode them once with
             `caption_key_tokens` and call `score`.
         """
-        if self.config.scoring_head == "global":
-            return self.global_similarity(
-                self.pool_image_tokens(image_embeds), self.pool_text_tokens(text_embeds, text_attention_mask)
-            )
         return self.head(image_embeds, text_embeds, text_attention_mask, image_chunk_size, text_chunk_size)
 
     @can_return_tuple
@@ -1414,7 +1481,7 @@ class SCTAModel(SCTAPreTrainedModel):
         text_outputs = self.get_text_features(input_ids, attention_mask, return_dict=True, **text_kwargs)
         image_embeds, text_embeds = image_outputs.last_hidden_state, text_outputs.last_hidden_state
         logits_per_image = self.similarity(image_embeds, text_embeds, attention_mask)
-        kept = torch.tensor(self.head.num_kept_patches / self.head.num_patches, device=logits_per_image.device)
+        kept = torch.tensor(self.config.num_kept_patches / self.config.num_patches, device=logits_per_image.device)
         fields = dict(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.t(),

@@ -9,6 +9,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from modeling_scta import KeyTokenAlignmentHead
 from processing_scta import image_side
 
 from .files import display
@@ -54,7 +55,7 @@ def explain(model, processor, image, caption: str, matched: dict[str, bool] | No
     `Gallery.word_report`) labels the word slots as matched or weak."""
     from .gallery import eval_mode, open_image
 
-    if model.config.scoring_head != "key_tokens":
+    if not isinstance(model.head, KeyTokenAlignmentHead):
         raise ValueError("explain needs the key-token head; this model scores pairs by its global embeddings.")
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError("The caption to explain must be a non-empty string.")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from configuration_scta import HEAD_SETTINGS
-from modeling_scta import SCTAModel
+from modeling_scta import KeyTokenAlignmentHead, SCTAModel
 from processing_scta import SCTAProcessor, convert_to_rgb, image_side
 
 from .files import display, excluded, list_images, read_ahead, read_image_file
@@ -541,8 +541,8 @@ class Gallery:
         matched when positive and at least `MATCHED_SHARE` of the best alignment any candidate gives that word slot:
         how well the words are matched is judged against what the gallery's best candidates offer for the same
         words, since the cosines' absolute level differs between word slots."""
-        head = getattr(self.model, "head", None)
-        if head is None or self.model.config.scoring_head != "key_tokens":
+        head = self.model.head
+        if not isinstance(head, KeyTokenAlignmentHead):  # the global cosine has no word slots
             return [() for _ in order]
         device = next(self.model.parameters()).device
         with eval_mode(self.model):

@@ -270,7 +270,7 @@ class SCTATrainer(Trainer):
         start = time.perf_counter()
         num_images, num_captions = len(images), len(captions)
         top_k = self.args.rerank_top_k
-        if top_k and model.config.scoring_head == "global":
+        if top_k and not model.head.reranks:
             raise ValueError(
                 f"--rerank_top_k {top_k} re-scores candidates with the key-token head, but this model scores pairs by "
                 "its global embeddings alone (scoring_head='global'): evaluate it with --rerank_top_k 0."

@@ -64,7 +64,7 @@ def test_global_head_loss_is_the_hinge_on_the_global_cosine_and_trains_the_tower
     outputs.loss.backward()
     assert model.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
     assert model.text_model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    assert all(parameter.grad is None for parameter in model.head.parameters())  # the head is not used
+    assert not list(model.head.parameters())  # a global-only model builds no key-token head
 
 
 def test_global_head_has_no_middle_stage_and_refuses_the_auxiliary_loss():
@@ -81,10 +81,26 @@ def test_scoring_head_round_trips_and_can_be_switched_on_a_saved_model(tmp_path)
     model = global_tester().model
     model.save_pretrained(tmp_path)
     loaded = SCTAModel.from_pretrained(tmp_path)
+    assert loaded.config.scoring_head == "global" and not list(loaded.head.parameters())
+    # a global-only checkpoint has no key-token head: switching initialises one, and says so unless asked
+    with pytest.raises(ValueError, match="missing_keys: head.*strict=False"):
+        SCTAModel.from_pretrained(tmp_path, scoring_head="key_tokens")
+    switched = SCTAModel.from_pretrained(tmp_path, scoring_head="key_tokens", strict=False)
+    assert switched.config.scoring_head == "key_tokens" and list(switched.head.parameters())
+
+
+def test_a_global_checkpoint_of_an_earlier_release_with_its_unused_head_still_loads(tmp_path):
+    import json
+
+    key_tokens = SCTAModelTester().model  # earlier releases built the key-token head for global models too
+    key_tokens.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "scoring_head": "global"}))
+    loaded = SCTAModel.from_pretrained(tmp_path)  # strict: only the unused head weights are ignored
     assert loaded.config.scoring_head == "global"
-    # the same weights scored by the key-token head: every weight is in the checkpoint either way
-    switched = SCTAModel.from_pretrained(tmp_path, scoring_head="key_tokens")
-    assert switched.config.scoring_head == "key_tokens"
+    for name, weight in key_tokens.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(loaded.state_dict()[name], weight), name
 
 
 @pytest.mark.parametrize("vision_has_cls_token", [True, False])
