@@ -377,6 +377,8 @@ class Gallery:
         self._rows = self.store.rows()  # [(id, path, shard, row)]
         self._paths = [path for _, path, _, _ in self._rows]
         self._locations = [(shard, row) for _, _, shard, row in self._rows]
+        self.path_of_id = {image_id: path for image_id, path, _, _ in self._rows}  # stable row ids (the server's)
+        self.id_of_path = {path: image_id for image_id, path, _, _ in self._rows}
         self._unit = None
         self._faiss = None
         return True

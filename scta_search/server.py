@@ -49,10 +49,10 @@ class LiveGallery:
         self.lock.release()
 
     def ids(self) -> dict[int, str]:
-        return {image_id: path for image_id, path, _, _ in self.gallery._rows}
+        return self.gallery.path_of_id  # rebuilt by the gallery only when the rows change
 
     def id_of(self) -> dict[str, int]:
-        return {path: image_id for image_id, path, _, _ in self.gallery._rows}
+        return self.gallery.id_of_path
 
 
 def create_app(gallery, with_app: bool = True, k: int = 12):
