@@ -31,6 +31,7 @@ from .store import (
     Scan,
     build_faiss,
     check_faiss_factory,
+    is_writable,
     weights_stamps,
     write_json_atomic,
 )
@@ -94,11 +95,8 @@ def model_fingerprint(model: SCTAModel) -> str:
 
 def load_model(name_or_path: str, revision: str | None = None, device=None) -> tuple[SCTAModel, SCTAProcessor]:
     """A saved SCTA model and processor, in eval mode on `device` (default: cuda when available, else cpu)."""
-    if not Path(name_or_path).is_dir() and (
-        os.path.isabs(name_or_path)
-        or name_or_path.startswith(".")
-        or os.sep in name_or_path.strip("/").split("/", 1)[-1]
-    ):
+    hub_id_form = not os.path.isabs(name_or_path) and not name_or_path.startswith(".") and name_or_path.count("/") <= 1
+    if not Path(name_or_path).is_dir() and not hub_id_form:
         raise ValueError(f"--model {name_or_path}: no such model folder (a Hub id has the form owner/name).")
     revision = {"revision": revision} if revision else {}
     try:
@@ -408,7 +406,7 @@ class Gallery:
 
     def tokens(self, rows: list[int]) -> torch.Tensor:
         """Stored image tokens `(len(rows), T, C)` float16 of gallery rows."""
-        return torch.from_numpy(self.store.gather([self._locations[r] for r in rows], 0))
+        return torch.from_numpy(self.store.take([self._locations[r] for r in rows], 0))
 
     # -- the first stage ---------------------------------------------------------------------------------------
 
@@ -426,7 +424,7 @@ class Gallery:
     def unit_embeddings(self) -> torch.Tensor:
         """Normalised global embeddings `(n, C)` of the gallery rows."""
         if self._unit is None:
-            self._unit = F.normalize(torch.from_numpy(self.store.all_global_embeddings(self._locations)), dim=-1)
+            self._unit = F.normalize(torch.from_numpy(self.store.take(self._locations, 1)), dim=-1)
         return self._unit
 
     def first_stage(self, query_global: torch.Tensor, k: int) -> list[int]:
@@ -452,7 +450,7 @@ class Gallery:
         except (OSError, ValueError, RuntimeError):
             pass
         index = build_faiss(self.unit_embeddings().numpy(), self._faiss_factory)
-        if self.store.writable or os.access(folder, os.W_OK):
+        if is_writable(folder):  # a read-only index is searched with an index built in memory, never written
             temporary = folder / f".{FAISS_FILE}.tmp-{os.getpid()}"
             faiss.write_index(index, str(temporary))
             os.replace(temporary, folder / FAISS_FILE)

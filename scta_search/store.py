@@ -251,23 +251,18 @@ class IndexStore:
             )
         return self._shard_cache[shard]
 
-    def gather(self, locations: list[tuple[int, int]], column: int) -> np.ndarray:
-        """Tokens (`column=0`) or global embeddings (`column=1`) of the given (shard, row) locations, in order."""
-        if not locations:
-            shape = (0, self.marker["num_tokens"], self.marker["width"]) if column == 0 else (0, self.marker["width"])
-            return np.zeros(shape, np.float16 if column == 0 else np.float32)
-        return np.stack([self.shard_arrays(shard)[column][row] for shard, row in locations])
-
-    def all_global_embeddings(self, locations: list[tuple[int, int]]) -> np.ndarray:
-        """Global embeddings `(n, C)` of the locations, read shard by shard (one fancy index per shard)."""
-        output = np.zeros((len(locations), self.marker["width"]), np.float32)
+    def take(self, locations: list[tuple[int, int]], column: int) -> np.ndarray:
+        """Tokens `(n, T, C)` (`column=0`) or global embeddings `(n, C)` (`column=1`) of the given (shard, row)
+        locations, in order: one fancy index per shard."""
+        shape = (self.marker["num_tokens"], self.marker["width"]) if column == 0 else (self.marker["width"],)
+        output = np.zeros((len(locations), *shape), np.float16 if column == 0 else np.float32)
         by_shard: dict[int, tuple[list[int], list[int]]] = {}
         for position, (shard, row) in enumerate(locations):
             positions, rows = by_shard.setdefault(shard, ([], []))
             positions.append(position)
             rows.append(row)
         for shard, (positions, rows) in by_shard.items():
-            output[positions] = self.shard_arrays(shard)[1][rows]
+            output[positions] = self.shard_arrays(shard)[column][rows]
         return output
 
     # -- writing -----------------------------------------------------------------------------------------------
@@ -367,8 +362,8 @@ class IndexStore:
         locations = sorted({(shard, row) for shard, row in self.db.execute("SELECT shard, row FROM images")})
         old = [shard for (shard,) in self.db.execute("SELECT id FROM shards")]
         if locations:
-            tokens = self.gather(locations, 0)
-            global_embeddings = self.all_global_embeddings(locations)
+            tokens = self.take(locations, 0)
+            global_embeddings = self.take(locations, 1)
             hashes = {(s, r): h for s, r, h in self.db.execute("SELECT shard, row, sha256 FROM images")}
             new_shard = self._write_shard(tokens, global_embeddings, [hashes[location] for location in locations])
         new_row = {location: row for row, location in enumerate(locations)}
@@ -442,10 +437,15 @@ class Scan:
         return not (self.todo or self.unreadable or self.gone)
 
 
+def is_writable(folder: Path) -> bool:
+    """Whether this process may write into `folder`: it can, and the folder's write permission was not removed for
+    everyone (a user's way of marking it read-only, which the superuser could otherwise write through)."""
+    return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & 0o222)
+
+
 def check_writable(folder: Path) -> None:
-    """Refuse a folder this process cannot write, or one whose write permission was removed for everyone (a user's
-    way of marking it read-only, which the superuser could otherwise write through)."""
-    if not os.access(folder, os.W_OK | os.X_OK) or not folder.stat().st_mode & 0o222:
+    """Refuse a folder `is_writable` says no to."""
+    if not is_writable(folder):
         raise IndexFolderError(
             f"the index folder {display(str(folder))} is not writable: indexing needs write access there (queries "
             "do not). Choose another --index folder or fix its permissions."

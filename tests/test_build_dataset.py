@@ -140,25 +140,8 @@ def test_coco_test_split_reads_testall(tmp_path):
 
 
 def test_parquet_export_loads_back_equal(small_files, tmp_path):
-    data_dir, image_dir = small_files
     output_dir = tmp_path / "out"
-    main(
-        [
-            "--format",
-            "caption-files",
-            "--dataset",
-            "f30k",
-            "--data_dir",
-            str(data_dir),
-            "--image_dir",
-            str(image_dir),
-            "--output_dir",
-            str(output_dir),
-            "--num_proc",
-            "1",
-            "--parquet",
-        ]
-    )
+    main(build_command(small_files, output_dir, "--parquet"))
     saved = datasets.load_from_disk(str(output_dir))["dev"]
     exported = datasets.load_dataset(
         "parquet", data_files={"dev": str(output_dir / "parquet" / "dev.parquet")}, cache_dir=str(tmp_path / "cache")

@@ -346,6 +346,7 @@ def test_a_read_only_index_is_searched_but_not_replaced(setup):
         path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
         assert len(Gallery.load(folder).search_text("a red square", k=2)) == 2
+        assert set(folder.rglob("*")) == set(modes) - {folder}  # nothing written into it (not even a FAISS index)
         with pytest.raises(ValueError, match="not writable"):
             Gallery.load(folder, writable=True)
     finally:
