@@ -78,6 +78,8 @@ def num_patch_slots(num_patches: int, patch_keep_ratio: float, patch_aggr_ratio:
 GLOBAL_POOLINGS = ("mean", "cls")
 # What scores a pair: SCTA's key-token head, or the cosine of the global embeddings (a dual-encoder baseline).
 SCORING_HEADS = ("key_tokens", "global")
+# The first retrieval stage's map over the global embeddings: none (their plain cosine), linear, or a residual MLP.
+FIRST_STAGE_ADAPTERS = ("none", "linear", "mlp")
 
 
 @strict
@@ -129,6 +131,14 @@ class SCTAConfig(PreTrainedConfig):
             Whether the patch selection adds the caption term `s_text` to `s_self` (docs/METHOD.md step 1). `False`
             selects patches by `s_self` alone, the same for every caption (an ablation of LAPS's
             language-guided selection).
+        first_stage_adapter (`str`, *optional*, defaults to `"linear"`):
+            A small map per side over the global embeddings, trained with symmetric InfoNCE on detached inputs so
+            that it never changes the towers or the head (docs/RETRIEVAL.md "First-stage adapter"): `"linear"`,
+            `"mlp"` (residual, one hidden layer) or `"none"` (the first stage is the global embeddings' cosine).
+            Its cosine proposes the candidates of two-stage retrieval and joins the fused score.
+        fusion_weight (`float`, *optional*):
+            `lambda` of the fused score `head + lambda * adapter cosine`. `None`: chosen on the dev split at
+            evaluation (and stored here); 0 ranks by the head alone.
 
     Example:
 
@@ -163,6 +173,8 @@ class SCTAConfig(PreTrainedConfig):
     global_loss_weight: float | int = 0.0
     scoring_head: str = "key_tokens"
     text_guided_selection: bool = True
+    first_stage_adapter: str = "linear"
+    fusion_weight: float | int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -257,6 +269,12 @@ class SCTAConfig(PreTrainedConfig):
             raise ValueError(f"global_pooling={self.global_pooling!r} is not one of {', '.join(GLOBAL_POOLINGS)}.")
         if self.scoring_head not in SCORING_HEADS:
             raise ValueError(f"scoring_head={self.scoring_head!r} is not one of {', '.join(SCORING_HEADS)}.")
+        if self.first_stage_adapter not in FIRST_STAGE_ADAPTERS:
+            raise ValueError(
+                f"first_stage_adapter={self.first_stage_adapter!r} is not one of {', '.join(FIRST_STAGE_ADAPTERS)}."
+            )
+        if self.fusion_weight is not None:
+            check("fusion_weight", self.fusion_weight, 0, math.inf, False, True)
         if self.scoring_head == "global" and self.global_loss_weight:
             raise ValueError(
                 f"global_loss_weight={self.global_loss_weight} with scoring_head='global': the global embeddings are "
@@ -293,6 +311,7 @@ SHAPE_SETTINGS = (
     "max_word_slots",
     "aggregator_hidden_ratio",
     "word_aggregation",
+    "first_stage_adapter",
 )
 
 

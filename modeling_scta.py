@@ -1,8 +1,9 @@
 """SCTA: an image tower, a text tower and a key-token alignment head for fine-grained image-text retrieval.
 
 Reads top to bottom: small helpers, the output dataclass and the encode-once caption corpus (`CaptionKeyTokens`),
-the blocks (token aggregator, key-token alignment head with its full-matrix, candidate-pair and caption-independent
-scorers, loss), `SCTAPreTrainedModel` and `SCTAModel`. The head is the specification of `docs/METHOD.md` computed
+the blocks (token aggregator, key-token alignment head with its full-matrix and candidate-pair scorers, the
+global-cosine scorer, the first-stage adapter, the hinge loss), `SCTAPreTrainedModel` and `SCTAModel`.
+Training across processes and the adapter's own loss live in `scta_train/loss.py` (not shipped). The head is the specification of `docs/METHOD.md` computed
 batched over (image, caption) pairs; `scta_train/reference.py` holds the literal per-caption loop it is
 tested against. Two-stage retrieval over these pieces: docs/RETRIEVAL.md and `scta_train.retrieval.two_stage_rank`.
 """
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -156,6 +156,9 @@ class CaptionKeyTokens:
     tokens: torch.Tensor  # (total key tokens, C) L2-normalised text key tokens, caption after caption
     offsets: torch.Tensor  # (n + 1,) long, on the CPU
     query: torch.Tensor  # (n, C) norm(mean of each caption's real tokens), drives the patch selection
+    # (n, C) each caption's global embedding (`pooler_output`), for the first stage and the fused score; None when
+    # made by the head alone (`SCTAModel.caption_key_tokens` fills it)
+    global_embeds: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.query.shape[0]
@@ -179,7 +182,11 @@ class CaptionKeyTokens:
             raise ValueError("CaptionKeyTokens.cat needs at least one part.")
         starts = torch.tensor([0] + [int(part.offsets[-1]) for part in parts]).cumsum(0)
         offsets = torch.cat([parts[0].offsets[:1]] + [part.offsets[1:] + start for part, start in zip(parts, starts)])
-        return cls(torch.cat([p.tokens for p in parts]), offsets, torch.cat([p.query for p in parts]))
+        has_global = [part.global_embeds is not None for part in parts]
+        if any(has_global) and not all(has_global):
+            raise ValueError("CaptionKeyTokens.cat: some parts carry global embeddings and others do not.")
+        global_embeds = torch.cat([part.global_embeds for part in parts]) if all(has_global) else None
+        return cls(torch.cat([p.tokens for p in parts]), offsets, torch.cat([p.query for p in parts]), global_embeds)
 
     def subset(self, caption_index: torch.Tensor) -> "CaptionKeyTokens":
         """The captions `caption_index` `(n',)`, in that order, as a corpus of their own."""
@@ -191,11 +198,17 @@ class CaptionKeyTokens:
             int(offsets[-1])
         )
         device = self.tokens.device
-        return CaptionKeyTokens(self.tokens[positions.to(device)], offsets, self.query[caption_index.to(device)])
+        global_embeds = None if self.global_embeds is None else self.global_embeds[caption_index.to(device)]
+        return CaptionKeyTokens(
+            self.tokens[positions.to(device)], offsets, self.query[caption_index.to(device)], global_embeds
+        )
 
     def to(self, *args, **kwargs) -> "CaptionKeyTokens":
         """`Tensor.to` on the tokens (device and/or dtype); offsets stay on the CPU."""
-        return CaptionKeyTokens(self.tokens.to(*args, **kwargs), self.offsets, self.query.to(*args, **kwargs))
+        global_embeds = None if self.global_embeds is None else self.global_embeds.to(*args, **kwargs)
+        return CaptionKeyTokens(
+            self.tokens.to(*args, **kwargs), self.offsets, self.query.to(*args, **kwargs), global_embeds
+        )
 
     def select(self, caption_index: torch.Tensor) -> TextKeyTokens:
         """
@@ -225,8 +238,9 @@ class ImageKeyState:
     self_scores: torch.Tensor  # (I, N) s_self = norm(P) . norm(mean(P)), no gradient
     cls: torch.Tensor | None  # (I, C) norm(c_v), None for towers without [CLS]
     slot_weights: torch.Tensor  # (I, N, M) exp(patch-slot logits - per-image shift), unnormalised softmax numerators
-    # (I, N, M * N): slot_weights[i, k, m] * coordinates of P_k in an orthonormal basis of the image's patches
-    weighted_coordinates: torch.Tensor
+    # (I, N, M * N): slot_weights[i, k, m] * coordinates of P_k in an orthonormal basis of the image's patches; None
+    # when the slot norms are computed from the patches directly (few captions per image: `image_key_state`)
+    weighted_coordinates: torch.Tensor | None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,23 +395,26 @@ class KeyTokenAlignmentHead(nn.Module):
         """`(B, T_img, C)` -> ([CLS] `(B, C)` or None, patches `(B, N, C)`)."""
         return split_image_tokens(image_tokens, self.num_patches, self.vision_has_cls_token)
 
-    def image_key_state(self, image_tokens: torch.Tensor) -> ImageKeyState:
-        """Everything of steps 1-4 that depends on the image alone."""
+    def image_key_state(self, image_tokens: torch.Tensor, with_basis: bool = True) -> ImageKeyState:
+        """
+        Everything of steps 1-4 that depends on the image alone. `with_basis`: also the patches' coordinates in an
+        orthonormal basis, from which every caption's slot norms cost `2 N^2 M` instead of `2 N M C` (a QR per
+        image, worth it when an image meets more than `DIRECT_SLOT_NORM_CAPTIONS` captions).
+        """
         cls, patches = self.split_image_tokens(image_tokens)  # (I, C), (I, N, C)
         logits = self.patch_aggregator(patches)  # (I, N, M), token-wise: once per image, not per pair
         with torch.no_grad():
             patch_directions = F.normalize(patches, dim=-1)
             image_query = F.normalize(patches.mean(1), dim=-1)  # (I, C), mean of the raw tokens
             self_scores = torch.einsum("inc,ic->in", patch_directions, image_query)  # (I, N)
-            qr_input = patches.float() if patches.dtype in (torch.float16, torch.bfloat16) else patches
-            basis = torch.linalg.qr(qr_input.transpose(1, 2)).Q.to(patches.dtype)  # (I, C, N)
+            if with_basis:
+                qr_input = patches.float() if patches.dtype in (torch.float16, torch.bfloat16) else patches
+                basis = torch.linalg.qr(qr_input.transpose(1, 2)).Q.to(patches.dtype)  # (I, C, N)
             # Any K kept patches include one whose logit is >= the K-th smallest, so with this shift the
             # largest softmax numerator of every slot is >= 1 and never underflows.
             shift = logits.kthvalue(self.num_kept_patches, dim=1, keepdim=True).values  # (I, 1, M)
             exponent_range = float((logits.amax(1, keepdim=True) - shift).max())
             token_norm = float(patches.norm(dim=-1).max())
-        coordinates = patches @ basis  # (I, N, N)
-
         work_dtype = patches.dtype
         limit = _overflow_free_exponent(work_dtype, token_norm, self.num_patches)
         if exponent_range > limit:
@@ -412,14 +429,17 @@ class KeyTokenAlignmentHead(nn.Module):
                 )
             logger.debug("patch slot logits span %.1f: scoring this image chunk in %s", exponent_range, work_dtype)
         slot_weights = torch.exp(logits.to(work_dtype) - shift.to(work_dtype))  # (I, N, M)
-        weighted_coordinates = slot_weights[..., None] * coordinates.to(work_dtype)[:, :, None, :]  # (I, N, M, N)
+        weighted_coordinates = None
+        if with_basis:
+            coordinates = (patches @ basis).to(work_dtype)  # (I, N, N)
+            weighted_coordinates = (slot_weights[..., None] * coordinates[:, :, None, :]).flatten(2)  # (I, N, M*N)
         return ImageKeyState(
             patches=patches.to(work_dtype),
             patch_directions=patch_directions.to(work_dtype),
             self_scores=self_scores.to(work_dtype),
             cls=None if cls is None else F.normalize(cls, dim=-1).to(work_dtype),
             slot_weights=slot_weights,
-            weighted_coordinates=weighted_coordinates.flatten(2),
+            weighted_coordinates=weighted_coordinates,
         )
 
     # -- pairs -------------------------------------------------------------------------------------------------
@@ -463,9 +483,15 @@ class KeyTokenAlignmentHead(nn.Module):
         word_patch = word_patch.view(num_images, num_patches, num_texts, num_keys) * keep.transpose(1, 2)[..., None]
         numerators = torch.bmm(word_patch.view(num_images, num_patches, -1).transpose(1, 2), slot_weights)
         numerators = numerators.view(num_images, num_texts, num_keys, num_slots)  # (I, T, J, M)
-        # ... and norms ||sum_k keep_k e_km P_k|| from the N-dimensional coordinates of the patches
-        slot_coordinates = torch.bmm(keep, image.weighted_coordinates)  # (I, T, M*N)
-        slot_norms = torch.linalg.vector_norm(slot_coordinates.view(num_images, num_texts, num_slots, -1), dim=-1)
+        # ... and norms ||sum_k keep_k e_km P_k||: from the N-dimensional coordinates of the patches, or (without
+        # the basis) from the slot vectors themselves
+        if image.weighted_coordinates is not None:
+            slot_coordinates = torch.bmm(keep, image.weighted_coordinates)  # (I, T, M*N)
+            slot_coordinates = slot_coordinates.view(num_images, num_texts, num_slots, -1)
+        else:
+            kept_weights = keep[..., None] * slot_weights[:, None]  # (I, T, N, M)
+            slot_coordinates = torch.matmul(kept_weights.transpose(-1, -2), patches[:, None])  # (I, T, M, C)
+        slot_norms = torch.linalg.vector_norm(slot_coordinates, dim=-1)  # (I, T, M)
         slot_sim = numerators / slot_norms.clamp_min(1e-12)[:, :, None, :]  # (I, T, J, M)
 
         # step 4: image key tokens [c_v; A_v; f]
@@ -577,63 +603,15 @@ class KeyTokenAlignmentHead(nn.Module):
         blocks = pair_blocks(image_index, caption_index, captions.key_counts, image_chunk_size, text_chunk_size)
         for block_images, block_captions, valid, pairs in tqdm(blocks, desc="Scoring candidates", disable=not progress):
             chunk = image_tokens.index_select(0, block_images.to(image_tokens.device)).to(device=device, dtype=dtype)
-            block = self.block_scores(self.image_key_state(chunk), captions.select(block_captions))  # (I, T)
+            with_basis = block_captions.shape[1] > DIRECT_SLOT_NORM_CAPTIONS
+            block = self.block_scores(self.image_key_state(chunk, with_basis), captions.select(block_captions))
             scores[pairs.to(device)] = block[valid.to(device)]
         return scores
 
-    # -- caption-independent variant (a cheap middle retrieval stage) -----------------------------------------
-
     def kept_slot_weights(self, patches: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """`(I, N, M)` weight of every patch in each learned patch slot, softmax over the kept patches (`keep`
-        `(I, N)` bool; dropped patches weigh 0): step 3 for one fixed selection."""
+        `(I, N)` bool; dropped patches weigh 0): step 3 for one fixed selection (the search tool's pictures)."""
         return self.patch_aggregator(patches).masked_fill(~keep[..., None], -math.inf).softmax(dim=1)
-
-    def independent_image_keys(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """
-        Image key tokens `V = norm([c_v; A_v; f])`, `(I, M + 1 [+ 1], C)`, with the patch selection driven by
-        `s_self` alone (docs/METHOD.md step 1 without `s_text`). They no longer depend on the caption, so they can be
-        computed once per image and stored; `independent_scores` then scores a pair by the alignment alone.
-        Equal to the head with a zero text query (tested). Not the paper's score: docs/RETRIEVAL.md "middle stage".
-        """
-        cls, patches = self.split_image_tokens(image_tokens)  # (I, C) or None, (I, N, C)
-        with torch.no_grad():
-            self_scores = torch.einsum("inc,ic->in", F.normalize(patches, dim=-1), F.normalize(patches.mean(1), dim=-1))
-            kept_index = self_scores.topk(self.num_kept_patches, dim=-1).indices  # (I, K)
-            keep = torch.zeros_like(self_scores).scatter_(-1, kept_index, 1.0).bool()  # (I, N)
-        slots = torch.einsum("inm,inc->imc", self.kept_slot_weights(patches, keep), patches)  # (I, M, C)
-        fused = torch.einsum("in,inc->ic", self_scores.masked_fill(keep, -math.inf).softmax(-1), patches)  # (I, C)
-        keys = [slots, fused[:, None]]
-        if cls is not None:
-            keys.insert(0, cls[:, None])
-        return F.normalize(torch.cat(keys, dim=1), dim=-1)  # (I, M + 1 [+ 1], C)
-
-    def independent_scores(self, image_keys: torch.Tensor, text: TextKeyTokens) -> torch.Tensor:
-        """
-        Alignment scores of precomputed `independent_image_keys` `(I, V, C)` against text key tokens: `(T, J, C)`
-        shared by every image, or `(I, T, J, C)` each image's own captions -> `(I, T)`.
-        """
-        equation = "tjc,ivc->itjv" if text.tokens.dim() == 3 else "itjc,ivc->itjv"  # (I, T, J, V)
-        similarities = torch.einsum(equation, text.tokens.to(image_keys.dtype), image_keys)
-        return max_mean_alignment(similarities, text.mask, self.negative_slope)
-
-    def independent_pair_scores(
-        self,
-        image_keys: torch.Tensor,
-        captions: CaptionKeyTokens,
-        image_index: torch.Tensor,
-        caption_index: torch.Tensor,
-        image_chunk_size: int = 64,
-        text_chunk_size: int = 256,
-    ) -> torch.Tensor:
-        """`independent_scores` of the pairs `(image_keys[image_index[p]], captions[caption_index[p]])`, `(P,)`."""
-        scores = torch.empty(len(image_index), device=image_keys.device, dtype=image_keys.dtype)
-        for block_images, block_captions, valid, pairs in pair_blocks(
-            image_index, caption_index, captions.key_counts, image_chunk_size, text_chunk_size
-        ):
-            block_keys = image_keys.index_select(0, block_images.to(image_keys.device))
-            block = self.independent_scores(block_keys, captions.select(block_captions))
-            scores[pairs.to(scores.device)] = block[valid.to(scores.device)].to(scores.dtype)
-        return scores
 
     def _chunk_sizes(self, device, image_chunk_size, text_chunk_size) -> tuple[int, int]:
         default_images, default_texts = default_chunk_sizes(device)
@@ -754,6 +732,53 @@ class GlobalCosineScorer(nn.Module):
         return (F.normalize(self.pooling.image(chosen), dim=-1) * caption_embeds).sum(-1)
 
 
+class EmbeddingMap(nn.Module):
+    """
+    One side of the first-stage adapter, over L2-normalised global embeddings `(B, C)`: affine (`x W^T + b`) or a
+    residual MLP (`x + gelu(x H^T + c) W^T + b`). Starts as the identity (`W = I`, resp. `W = 0`): an untrained
+    adapter ranks exactly as the global embeddings' cosine, and initialising it draws no random number (so that a
+    model with an adapter draws the same random stream as one without).
+    """
+
+    def __init__(self, width: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(torch.empty(width, width))
+        self.bias = nn.Parameter(torch.empty(width))
+        if kind == "mlp":
+            self.hidden_weight = nn.Parameter(torch.empty(width, width))
+            self.hidden_bias = nn.Parameter(torch.empty(width))
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(embeds, self.weight, self.bias)
+        return embeds + F.linear(F.gelu(F.linear(embeds, self.hidden_weight, self.hidden_bias)), self.weight, self.bias)
+
+
+class FirstStageAdapter(nn.Module):
+    """
+    The first retrieval stage (`config.first_stage_adapter`): a map per side over the global embeddings
+    (`pooler_output`), compared by cosine, with the learned temperature of its loss. It is trained with symmetric
+    InfoNCE on *detached* embeddings (`scta_train.loss.first_stage_loss`), so the towers and the head train exactly
+    as without it; it proposes the candidates of two-stage retrieval and joins the fused score
+    `head + fusion_weight * adapter cosine` (docs/RETRIEVAL.md "First-stage adapter").
+    """
+
+    def __init__(self, width: int, kind: str):
+        super().__init__()
+        self.image_map = EmbeddingMap(width, kind)
+        self.text_map = EmbeddingMap(width, kind)
+        self.logit_scale = nn.Parameter(torch.empty(()))  # log(1 / temperature), as CLIP's
+
+    def image(self, image_global_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B, C)` global image embeddings -> `(B, C)` L2-normalised first-stage embeddings."""
+        return F.normalize(self.image_map(F.normalize(image_global_embeds, dim=-1)), dim=-1)
+
+    def text(self, text_global_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B, C)` global caption embeddings -> `(B, C)` L2-normalised first-stage embeddings."""
+        return F.normalize(self.text_map(F.normalize(text_global_embeds, dim=-1)), dim=-1)
+
+
 def build_scorer(config: SCTAConfig) -> nn.Module:
     """The pair scorer `config.scoring_head` names: the SCTA key-token head, or the global cosine."""
     if config.scoring_head == "global":
@@ -802,6 +827,12 @@ def pair_blocks(
         valid = slots[None, :] < lengths[:, None]  # (I, T)
         pair_rows = order[torch.where(valid, starts[:, None] + slots[None, :], starts[:, None])]  # (I, T)
         yield segment_images[span], caption_index[pair_rows], valid, pair_rows[valid]
+
+
+# Captions per image up to which the head computes slot norms from the slot vectors (2NMC a pair) rather than from
+# a per-image orthonormal basis (a QR of 4N^2C, then 2N^2M a pair): the break-even is about 20 at the paper's shapes
+# (N = 196, M = 29, C = 512). Candidate scoring of one query meets 1 caption per image; exhaustive blocks, hundreds.
+DIRECT_SLOT_NORM_CAPTIONS = 16
 
 
 def default_chunk_sizes(device: torch.device) -> tuple[int, int]:
@@ -907,113 +938,6 @@ def scta_with_global_loss(
     return loss + global_loss_weight * global_loss, global_loss
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's `tensor` (sizes may differ along dim 0), with gradient flowing back to its owner."""
-    # The autograd all-gather of functional collectives (its backward is a summing reduce-scatter), imported here
-    # because the module is private: only multi-process training needs it. Older torch names it
-    # all_gather_tensor_autograd.
-    import torch.distributed._functional_collectives as funcol
-
-    all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    largest = int(max(sizes))
-    padded = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, largest - tensor.shape[0]]).contiguous()
-    gathered = all_gather_autograd(padded, 0, dist.group.WORLD)  # (world_size * largest, ...)
-    return [part[: int(n)] for part, n in zip(gathered.chunk(len(sizes)), sizes)]
-
-
-class SCTALoss(nn.Module):
-    """
-    SCTA's objective over the global batch: the hinge loss of `model.similarity` (the key-token head, or the global
-    cosine with `scoring_head="global"`) plus `config.global_loss_weight` x the same hinge on the global embeddings'
-    cosine. Both paths below score with `hinge_loss_one_direction` and the positive masks of `image_ids`; the
-    cross-process gather is `all_gather_with_grad`.
-
-    In one process it is `scta_with_global_loss` of the batch. Under several processes (torch.distributed
-    initialised, `world_size > 1`), each process computes its image rows and caption columns of the global score
-    matrix: tokens are gathered with gradient, so negatives come from every process, and the local block the
-    forward made is reused. The sum over processes of these losses is the single-process loss of the global batch;
-    the result is multiplied by `world_size` to undo DDP's gradient averaging.
-    """
-
-    def __init__(self, config: SCTAConfig):
-        super().__init__()
-        self.margin = config.margin
-        self.global_loss_weight = config.global_loss_weight
-
-    def forward(
-        self,
-        model: "SCTAModel",
-        outputs: "SCTAOutput",
-        text_attention_mask: torch.Tensor,
-        image_ids: torch.Tensor | None = None,
-        hardest_negative: bool = True,
-        world_size: int = 1,
-    ) -> torch.Tensor:
-        if world_size == 1:
-            global_logits = cosine_similarity_matrix(outputs.image_global_embeds, outputs.text_global_embeds)
-            loss, _ = scta_with_global_loss(
-                outputs.logits_per_image,
-                global_logits,
-                image_ids,
-                self.margin,
-                hardest_negative,
-                self.global_loss_weight,
-            )
-            return loss
-        return self._global_batch_loss(model, outputs, text_attention_mask, image_ids, hardest_negative) * world_size
-
-    def _global_batch_loss(self, model, outputs, text_attention_mask, image_ids, hardest_negative) -> torch.Tensor:
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        if image_ids is None:  # every pair its own image: ids unique across processes
-            image_ids = rank * len(outputs.image_embeds) + torch.arange(
-                len(outputs.image_embeds), device=text_attention_mask.device
-            )
-        length = torch.tensor([text_attention_mask.shape[1]], device=text_attention_mask.device)
-        lengths = [torch.zeros_like(length) for _ in range(world_size)]
-        dist.all_gather(lengths, length)
-        longest = int(max(lengths))
-        text_embeds = F.pad(outputs.text_embeds, (0, 0, 0, longest - text_attention_mask.shape[1]))
-        text_attention_mask = F.pad(text_attention_mask, (0, longest - text_attention_mask.shape[1]))
-
-        all_images = all_gather_with_grad(outputs.image_embeds)
-        all_texts = all_gather_with_grad(text_embeds)
-        all_masks = all_gather_with_grad(text_attention_mask)
-        all_ids = torch.cat(all_gather_with_grad(image_ids))
-        local_block = outputs.logits_per_image  # (B_r, B_r)
-        rows = [
-            local_block if other == rank else model.similarity(outputs.image_embeds, all_texts[other], all_masks[other])
-            for other in range(world_size)
-        ]
-        columns = [
-            local_block if other == rank else model.similarity(all_images[other], text_embeds, text_attention_mask)
-            for other in range(world_size)
-        ]
-        positive_mask = image_ids[:, None] == all_ids[None, :]  # (B_r, B_global)
-
-        def hinge(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-            """Both directions for this process's queries: rows `(B_r, B_global)`, columns `(B_global, B_r)`."""
-            image_to_text = hinge_loss_one_direction(rows, positives, positive_mask, self.margin, hardest_negative)
-            text_to_image = hinge_loss_one_direction(
-                columns.t(), positives, positive_mask, self.margin, hardest_negative
-            )
-            return image_to_text + text_to_image
-
-        loss = hinge(torch.cat(rows, 1), torch.cat(columns, 0), local_block.diagonal())
-        if self.global_loss_weight:
-            image_global, text_global = outputs.image_global_embeds, outputs.text_global_embeds
-            all_image_global = torch.cat(all_gather_with_grad(image_global))
-            all_text_global = torch.cat(all_gather_with_grad(text_global))
-            loss = loss + self.global_loss_weight * hinge(
-                cosine_similarity_matrix(image_global, all_text_global),
-                cosine_similarity_matrix(all_image_global, text_global),
-                cosine_similarity_matrix(image_global, text_global).diagonal(),
-            )
-        return loss
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -1037,6 +961,21 @@ class SCTAPreTrainedModel(PreTrainedModel):
         """
         return_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None and "config" not in kwargs and "first_stage_adapter" not in kwargs:
+            hub = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+            hub = {key: kwargs[key] for key in hub if kwargs.get(key) is not None}
+            saved_config, _ = cls.config_class.get_config_dict(source, **hub)
+            if (
+                "first_stage_adapter" not in saved_config
+            ):  # saved before first-stage adapters: its first stage is the cosine
+                logger.warning(
+                    "%s has no first-stage adapter: two-stage retrieval proposes candidates by the global embeddings' "
+                    "cosine. Fit one (the model is left unchanged) with: python -m scta_train.fit_first_stage "
+                    "--model_name_or_path MODEL --dataset_name DATA --output_dir NEW_MODEL",
+                    source,
+                )
+                kwargs["first_stage_adapter"] = "none"
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         problems = {}
         if strict:
@@ -1078,6 +1017,16 @@ class SCTAPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, TokenAggregator):
             init.ones_(module.scale)
+        elif isinstance(module, EmbeddingMap):  # the identity map; no random number drawn
+            init.zeros_(module.bias)
+            if module.kind == "linear":
+                init.eye_(module.weight)
+            else:
+                init.zeros_(module.weight)
+                init.eye_(module.hidden_weight)
+                init.zeros_(module.hidden_bias)
+        elif isinstance(module, FirstStageAdapter):
+            init.constant_(module.logit_scale, math.log(1 / 0.07))  # CLIP's initial temperature
         elif isinstance(module, SCTAModel):
             # Xavier projections, as in the published encoders
             for projection in (module.vision_projection, module.text_projection):
@@ -1194,6 +1143,9 @@ class SCTAModel(SCTAPreTrainedModel):
         self.text_projection = nn.Linear(text_width, embed_size) if text_width != embed_size else nn.Identity()
         self.head = build_scorer(config)  # the key-token head, or the global cosine (no parameters)
         self.global_pooling = GlobalPooling.from_config(config)
+        self.first_stage = (
+            FirstStageAdapter(embed_size, config.first_stage_adapter) if config.first_stage_adapter != "none" else None
+        )
         if not isinstance(self.head, KeyTokenAlignmentHead):
             # checkpoints of earlier releases stored the key-token head of global-only models, never used
             self._keys_to_ignore_on_load_unexpected = [r"^head\."]
@@ -1279,6 +1231,19 @@ class SCTAModel(SCTAPreTrainedModel):
                 f"the captions: processor(text=..., max_length={min(limit, 90)})."
             )
 
+    def set_first_stage_adapter(self, kind: str) -> None:
+        """Replace the first-stage adapter by a fresh (identity) one of `kind` ("linear", "mlp"), or remove it
+        ("none"); `config.first_stage_adapter` follows and the fusion weight is reset (to be chosen again)."""
+        self.config.first_stage_adapter = kind
+        self.config.check_settings()
+        self.config.fusion_weight = None
+        if kind == "none":
+            self.first_stage = None
+            return
+        parameter = next(self.parameters())
+        self.first_stage = FirstStageAdapter(self.config.embed_size, kind).to(parameter.device)
+        self.first_stage.apply(self._init_weights)
+
     def get_input_embeddings(self) -> nn.Module:
         """The text tower's token embeddings (so that `resize_token_embeddings` works after adding tokens)."""
         return self.text_model.get_input_embeddings()
@@ -1295,17 +1260,59 @@ class SCTAModel(SCTAPreTrainedModel):
         return self.global_pooling.text(text_tokens, attention_mask)
 
     def global_similarity(self, image_global_embeds: torch.Tensor, text_global_embeds: torch.Tensor) -> torch.Tensor:
-        """`(B_img, B_txt)` cosine similarities of global embeddings: the first stage of two-stage retrieval."""
+        """`(B_img, B_txt)` cosine similarities of the global embeddings themselves (no adapter)."""
         return cosine_similarity_matrix(image_global_embeds, text_global_embeds)
+
+    def first_stage_image_embeds(self, image_global_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B, C)` global image embeddings -> `(B, C)` L2-normalised first-stage embeddings (through the adapter,
+        when the model has one)."""
+        if self.first_stage is None:
+            return F.normalize(image_global_embeds, dim=-1)
+        return self.first_stage.image(image_global_embeds.to(self.first_stage.logit_scale.dtype))
+
+    def first_stage_text_embeds(self, text_global_embeds: torch.Tensor) -> torch.Tensor:
+        """`(B, C)` global caption embeddings -> `(B, C)` L2-normalised first-stage embeddings."""
+        if self.first_stage is None:
+            return F.normalize(text_global_embeds, dim=-1)
+        return self.first_stage.text(text_global_embeds.to(self.first_stage.logit_scale.dtype))
+
+    def first_stage_similarity(
+        self, image_global_embeds: torch.Tensor, text_global_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """`(B_img, B_txt)` first-stage scores: the adapter's cosine (the global embeddings' cosine without one). It
+        proposes the candidates of two-stage retrieval and joins the fused score."""
+        return self.first_stage_image_embeds(image_global_embeds) @ self.first_stage_text_embeds(text_global_embeds).t()
 
     def caption_key_tokens(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> CaptionKeyTokens:
         """
         Encode captions once for scoring: `(B_txt, L, C)` projected tokens (`get_text_features(...)
-        .last_hidden_state`) -> `CaptionKeyTokens`, reusable against any images. Join batches with
-        `CaptionKeyTokens.cat`. With `scoring_head="global"` the one key token of a caption is its normalised
-        global embedding.
+        .last_hidden_state`) -> `CaptionKeyTokens`, reusable against any images, carrying the captions' global
+        embeddings for the fused score. Join batches with `CaptionKeyTokens.cat`. With `scoring_head="global"` the
+        one key token of a caption is its normalised global embedding.
         """
-        return self.head.caption_key_tokens(text_embeds, attention_mask)
+        captions = self.head.caption_key_tokens(text_embeds, attention_mask)
+        captions.global_embeds = self.pool_text_tokens(text_embeds, attention_mask)
+        return captions
+
+    def _fused(self, head_scores, image_embeds, captions, fusion_weight, image_index=None, caption_index=None):
+        """`head_scores + fusion_weight * first-stage cosine` of the same pairs (all, or the indexed ones)."""
+        if not fusion_weight:
+            return head_scores
+        if captions.global_embeds is None:
+            raise ValueError(
+                "fusion_weight needs the captions' global embeddings: encode them with SCTAModel.caption_key_tokens "
+                "(the head's own caption_key_tokens does not keep them)."
+            )
+        device = head_scores.device
+        if image_index is None:
+            image_first = self.first_stage_image_embeds(self.pool_image_tokens(image_embeds.to(device)))
+            first = image_first @ self.first_stage_text_embeds(captions.global_embeds.to(device)).t()
+        else:
+            chosen = image_embeds.index_select(0, image_index.to(image_embeds.device)).to(device)
+            image_first = self.first_stage_image_embeds(self.pool_image_tokens(chosen))
+            text_first = self.first_stage_text_embeds(captions.global_embeds.index_select(0, caption_index.to(device)))
+            first = (image_first * text_first).sum(-1)
+        return head_scores + fusion_weight * first.to(head_scores.dtype)
 
     def score(
         self,
@@ -1314,14 +1321,17 @@ class SCTAModel(SCTAPreTrainedModel):
         image_chunk_size: int | None = None,
         text_chunk_size: int | None = None,
         progress: bool = False,
+        fusion_weight: float = 0.0,
     ) -> torch.Tensor:
         """
         SCTA score of every image against every encoded caption, `(B_img, n)`, in blocks of
         `image_chunk_size x text_chunk_size` pairs (default `default_chunk_sizes(device)`; results do not depend
         on them). `image_embeds` from `get_image_features(...).last_hidden_state`, in any dtype or device.
-        `progress=True` shows a progress bar.
+        `progress=True` shows a progress bar. `fusion_weight=lambda` adds `lambda` x the first-stage cosine (the
+        fused score; `config.fusion_weight` is the value chosen on dev); 0 gives the paper's score.
         """
-        return self.head.score(image_embeds, captions, image_chunk_size, text_chunk_size, progress)
+        scores = self.head.score(image_embeds, captions, image_chunk_size, text_chunk_size, progress)
+        return self._fused(scores, image_embeds, captions, fusion_weight)
 
     def score_candidates(
         self,
@@ -1332,12 +1342,14 @@ class SCTAModel(SCTAPreTrainedModel):
         image_chunk_size: int | None = None,
         text_chunk_size: int | None = None,
         progress: bool = False,
+        fusion_weight: float = 0.0,
     ) -> torch.Tensor:
         """
         SCTA scores of chosen (image, caption) pairs only, e.g. the top-k candidates of every query. The indices
         broadcast against each other: `image_index` `(Q, 1)` with `caption_index` `(Q, k)` scores k captions per
         image query; `caption_index` `(Q, 1)` with `image_index` `(Q, k)` k images per caption query; two
-        `(P,)` tensors any P pairs. Returns scores of the broadcast shape, equal to the same entries of `score`.
+        `(P,)` tensors any P pairs. Returns scores of the broadcast shape, equal to the same entries of `score`
+        (with the same `fusion_weight`).
         """
         image_index, caption_index = torch.broadcast_tensors(
             torch.as_tensor(image_index), torch.as_tensor(caption_index)
@@ -1357,55 +1369,10 @@ class SCTAModel(SCTAPreTrainedModel):
             text_chunk_size,
             progress,
         )
-        return scores.view(image_index.shape)
-
-    def caption_independent_image_keys(self, image_embeds: torch.Tensor, image_chunk_size: int = 256) -> torch.Tensor:
-        """
-        `(B_img, V, C)` image key tokens with the patch selection driven by the image alone, computed once per image
-        for `caption_independent_scores`: a cheap middle retrieval stage (about 10x less work per pair than the
-        head at the paper's shapes, no extra training; docs/RETRIEVAL.md). Not the paper's score.
-        """
-        self._check_key_token_head("caption_independent_image_keys")
-        parameter = next(self.head.parameters())
-        return (
-            torch.cat(
-                [
-                    self.head.independent_image_keys(
-                        image_embeds[span].to(device=parameter.device, dtype=parameter.dtype)
-                    )
-                    for span in _spans(image_embeds.shape[0], image_chunk_size)
-                ]
-            )
-            if image_embeds.shape[0]
-            else image_embeds.new_zeros(0, self.head.num_patch_slots + 2, image_embeds.shape[-1])
-        )
-
-    def caption_independent_scores(
-        self,
-        image_keys: torch.Tensor,
-        captions: CaptionKeyTokens,
-        image_index: torch.Tensor,
-        caption_index: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        Scores of chosen pairs by `caption_independent_image_keys` and the max-mean alignment alone; indices
-        broadcast as in `score_candidates`.
-        """
-        self._check_key_token_head("caption_independent_scores")
-        image_index, caption_index = torch.broadcast_tensors(
-            torch.as_tensor(image_index), torch.as_tensor(caption_index)
-        )
-        scores = self.head.independent_pair_scores(
-            image_keys, captions, image_index.reshape(-1), caption_index.reshape(-1)
+        scores = self._fused(
+            scores, image_embeds, captions, fusion_weight, image_index.reshape(-1), caption_index.reshape(-1)
         )
         return scores.view(image_index.shape)
-
-    def _check_key_token_head(self, what: str) -> None:
-        if not isinstance(self.head, KeyTokenAlignmentHead):
-            raise ValueError(
-                f"{what} needs the key-token head, but this model scores pairs by scoring_head="
-                f"{self.config.scoring_head!r} (global embeddings only); it has no middle retrieval stage."
-            )
 
     def similarity(
         self,
@@ -1494,8 +1461,15 @@ class SCTAModel(SCTAPreTrainedModel):
             text_model_output=text_outputs,
         )
         loss = None
-        if return_loss:  # this batch's loss; the Trainer's SCTALoss spans every process's batch
-            loss = SCTALoss(self.config)(self, SCTAOutput(**fields), attention_mask, image_ids, hardest_negative)
+        if return_loss:  # this batch's loss; the Trainer's (scta_train.loss.SCTALoss) spans every process's batch
+            loss, _ = scta_with_global_loss(
+                logits_per_image,
+                self.global_similarity(image_outputs.pooler_output, text_outputs.pooler_output),
+                image_ids,
+                self.config.margin,
+                hardest_negative,
+                self.config.global_loss_weight,
+            )
         return SCTAOutput(loss=loss, **fields)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -1554,7 +1528,7 @@ __all__ = [
     "SCTAModel",
     "SCTAPreTrainedModel",
     "TokenAggregator",
-    "SCTALoss",
+    "FirstStageAdapter",
     "scta_loss",
     "scta_with_global_loss",
 ]

@@ -170,25 +170,34 @@ class SCTAProcessor(ProcessorMixin):
         if text is not None:
             captions = _checked_captions(text)
             text_kwargs = merged["text_kwargs"]
-            self._check_caption_tokens(captions, text_kwargs)
-            data.update(self.tokenizer(captions, **text_kwargs))
+            encoded = self.tokenizer(captions, **text_kwargs)
+            self._check_caption_tokens(captions, encoded, text_kwargs)
+            data.update(encoded)
         data = {name: value for name, value in data.items() if name not in self.unused_input_names}
         return_tensors = merged["text_kwargs"].get("return_tensors") or merged["images_kwargs"].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def _check_caption_tokens(self, captions: list[str], text_kwargs: dict) -> None:
-        """Every caption has a token; captions cut by `max_length` are counted in a warning, not cut silently."""
-        lengths = [len(ids) for ids in self.tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"]]
+    def _check_caption_tokens(self, captions: list[str], encoded, text_kwargs: dict) -> None:
+        """Every caption has a token; captions cut by `max_length` are counted in a warning, not cut silently. Reads
+        the lengths from the tokenization itself; only captions that reach `max_length` are tokenized again (without
+        truncation) to tell the cut ones from those that fit exactly."""
+        special = self.tokenizer.num_special_tokens_to_add() if text_kwargs.get("add_special_tokens", True) else 0
+        masks = encoded.get("attention_mask")
+        if masks is None:  # return_attention_mask=False: count the tokens without the tokenization's padding
+            masks = [[1] * len(ids) for ids in self.tokenizer(captions, verbose=False)["input_ids"]]
+        lengths = [int(sum(mask)) - special for mask in masks]  # word tokens, as truncated
         for index, length in enumerate(lengths):
-            if length == 0:
+            if length <= 0:
                 raise ValueError(
                     f"Caption at index {index} of the batch is empty or whitespace only ({captions[index]!r}). "
                     "Every caption needs at least one word: fix or remove it."
                 )
         max_length = text_kwargs.get("max_length")
         if text_kwargs.get("truncation") and max_length:
-            limit = max_length - self.tokenizer.num_special_tokens_to_add()
-            truncated = sum(length > limit for length in lengths)
+            limit = max_length - special
+            full = [captions[index] for index, length in enumerate(lengths) if length >= limit]
+            untruncated = self.tokenizer(full, add_special_tokens=False, verbose=False)["input_ids"] if full else []
+            truncated = sum(len(ids) > limit for ids in untruncated)
             if truncated:
                 logger.warning(
                     "%d of %d captions longer than %d tokens were truncated.", truncated, len(captions), max_length

@@ -8,12 +8,12 @@ on random pixels and random captions with the Flickr30K test caption lengths:
   `scta_train.retrieval`, the code `SCTATrainer.evaluate` runs), timed;
 - exhaustive: every pair through the head (`SCTAModel.score`), timed (or projected from `--exhaustive-images`
   images when the full matrix would take longer than that);
-- two-stage and three-stage: `scta_train.retrieval.two_stage_rank` at each k of `--ks` (and with the caption-independent
-  middle stage over the global top `--middle-n`), timed, with the head pairs scored.
-With `--sweep`, the head's chunk shape (`image_chunk_size x text_chunk_size`) is swept on an evaluation block to
-pick `default_chunk_sizes` for the device. Random weights give meaningless recall; this measures time and memory.
+- two-stage: `scta_train.retrieval.two_stage_rank` at each k of `--ks` (the first stage's top k re-scored by the
+  head), timed, with the head pairs scored.
+Random weights give meaningless recall; this measures time and memory. The head's chunk shape
+(`default_chunk_sizes`) is chosen by one sweep, `bench/bench_similarity.py --sweep`.
 
-    python bench/bench_full_size_eval.py --device cuda --sweep --json full_size_eval_gpu.json
+    python bench/bench_full_size_eval.py --device cuda --json full_size_eval_gpu.json
     python bench/bench_full_size_eval.py --device cpu --skip-towers --sizes 1000x5000 --exhaustive-images 256
     python bench/bench_full_size_eval.py --quick          # seconds, CPU: a smoke test of the same code
 """
@@ -108,62 +108,19 @@ def run_size(args, model, device, num_images: int, num_captions: int, lengths_po
         def score_exact(image_index, caption_index):
             return model.score_candidates(image_tokens, caption_keys, image_index, caption_index, *chunks).float().cpu()
 
-        image_keys = model.caption_independent_image_keys(image_tokens)
-
-        def score_middle(image_index, caption_index):
-            return model.caption_independent_scores(image_keys, caption_keys, image_index, caption_index).float().cpu()
-
         stages = []
-        for middle_n in (0, args.middle_n):
-            for k in args.ks:
+        for k in args.ks:
 
-                def rank():
-                    global_scores = model.global_similarity(image_global, caption_global).float().cpu()
-                    return two_stage_rank(global_scores, caption_to_image, k, score_exact, middle_n, score_middle)
+            def rank():
+                first_stage = model.first_stage_similarity(image_global, caption_global).float().cpu()
+                return two_stage_rank(first_stage, caption_to_image, k, score_exact)
 
-                (_, _, stats), seconds = timed(rank, 1, device)
-                stages.append(
-                    {
-                        "k": k,
-                        "middle_n": middle_n,
-                        "scoring_s": seconds,
-                        **stats,
-                        "speedup": row["exhaustive_s"] / seconds,
-                    }
-                )
+            (_, _, stats), seconds = timed(rank, 1, device)
+            stages.append({"k": k, "scoring_s": seconds, **stats, "speedup": row["exhaustive_s"] / seconds})
     row["two_stage"] = stages
     if device.type == "cuda":
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
-
-
-def chunk_sweep(args, model, device, lengths_pool) -> list[dict]:
-    generator = torch.Generator().manual_seed(args.seed)
-    tokens = model.config.num_patches + 1
-    width = model.config.embed_size
-    image_tokens = torch.randn(args.sweep_images, tokens, width, generator=generator).to(device)
-    lengths = torch.tensor(draw_lengths(lengths_pool, args.sweep_captions, args.seed))
-    text = torch.randn(args.sweep_captions, int(lengths.max()), width, generator=generator).to(device)
-    mask = (torch.arange(text.shape[1])[None] < lengths[:, None]).long().to(device)
-    rows = []
-    with torch.no_grad():
-        captions = model.caption_key_tokens(text, mask)
-        for image_chunk in args.sweep_image_chunks:
-            for text_chunk in args.sweep_text_chunks:
-                row = {"image_chunk_size": image_chunk, "text_chunk_size": text_chunk}
-                try:
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    model.score(image_tokens[:image_chunk], captions, image_chunk, text_chunk)  # warm-up
-                    _, seconds = timed(lambda: model.score(image_tokens, captions, image_chunk, text_chunk), 1, device)
-                    row["pairs_per_s"] = args.sweep_images * args.sweep_captions / seconds
-                    if device.type == "cuda":
-                        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                except torch.OutOfMemoryError:
-                    row["error"] = "out of memory"
-                    torch.cuda.empty_cache()
-                rows.append(row)
-    return rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -174,7 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--sizes", nargs="+", default=["1000x5000", "5000x25000"], help="images x captions")
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 64, 128])
-    parser.add_argument("--middle-n", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=256, help="images or captions per tower batch")
     parser.add_argument("--bf16-towers", action="store_true", help="encode under bf16 autocast (the head stays fp32)")
     parser.add_argument("--exhaustive-images", type=int, default=5000, help="images the exhaustive head is timed on")
@@ -185,11 +141,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--image-chunk-size", type=int, default=None)
     parser.add_argument("--text-chunk-size", type=int, default=None)
-    parser.add_argument("--sweep", action="store_true", help="sweep the head's chunk shape")
-    parser.add_argument("--sweep-image-chunks", type=int, nargs="+", default=[16, 32, 64, 128])
-    parser.add_argument("--sweep-text-chunks", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    parser.add_argument("--sweep-images", type=int, default=256)
-    parser.add_argument("--sweep-captions", type=int, default=4096)
     parser.add_argument(
         "--captions-file",
         default=None,
@@ -200,8 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.ks, args.middle_n, args.batch_size = ["20x100"], [4], 8, 16
-        args.sweep_image_chunks, args.sweep_text_chunks, args.sweep_images, args.sweep_captions = [4], [16, 32], 8, 64
+        args.sizes, args.ks, args.batch_size = ["20x100"], [4], 16
     args.sizes = [tuple(int(part) for part in size.split("x")) for size in args.sizes]
     return args
 
@@ -219,20 +169,6 @@ def main(argv=None) -> dict:
         "default_chunk_sizes": default_chunk_sizes(device),
     }
     logger.info("machine: %s", results["machine"])
-    if args.sweep:
-        results["sweep"] = chunk_sweep(args, model, device, lengths_pool)
-        logger.info(
-            format_table(
-                results["sweep"],
-                [
-                    ("images/block", "image_chunk_size", "d"),
-                    ("captions/block", "text_chunk_size", "d"),
-                    ("pairs/s", "pairs_per_s", ",.0f"),
-                    ("CUDA peak MB", "cuda_peak_mb", ".0f"),
-                    ("error", "error", ""),
-                ],
-            )
-        )
     results["sizes"] = []
     for num_images, num_captions in args.sizes:
         row = run_size(args, model, device, num_images, num_captions, lengths_pool)
@@ -252,9 +188,7 @@ def main(argv=None) -> dict:
                 row["two_stage"],
                 [
                     ("k", "k", "d"),
-                    ("middle N", "middle_n", "d"),
                     ("head pairs", "head_pairs", ",d"),
-                    ("middle pairs", "middle_pairs", ",d"),
                     ("scoring s", "scoring_s", ".2f"),
                     ("faster", "speedup", ".1f"),
                 ],

@@ -14,10 +14,10 @@ indexed (`Gallery.build`, timed end to end: decoding, preprocessing, encoding, w
 (`Gallery.update`: stat every file, encode nothing, rewrite nothing), and the index folder's size is divided by the
 image count. Part 2, latency: galleries of `--gallery-sizes` images made from the demo model's real image
 tokens (the 1,000 encoded images repeated with noise, so that the head sees realistic tokens), queried with
-captions of the test split: median over `--queries` queries of `search_text(k=10, rerank_top_k=64)` and of the
+captions of the test split: median over `--queries` queries of `search_text(k=10)` (two-stage, the default k) and of the
 exhaustive `rerank_top_k=0` (measured up to `--exhaustive-max`, projected linearly beyond). Part 3, the paper's
-shapes with random weights: images/s of the ViT-B/16 image side and, per query, the BERT-base text side, the
-first stage over 512-d global embeddings and the head on 64 candidates, summed into a projected latency.
+shapes with random weights: images/s of the ViT-B/16 image side and the index's bytes per image (the per-query
+latency at these shapes is measured once, by `bench/bench_two_stage.py --scale`).
 """
 
 import argparse
@@ -35,13 +35,12 @@ import urllib.request
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchlib import machine_info, set_threads, time_calls, write_json
 from dataset_scripts.synthetic_shapes import generate_synthetic_dataset, write_png_files
 from modeling_scta import SCTAModel
 from processing_scta import SCTAProcessor
-from scta_search import Gallery
+from scta_search import DEFAULT_RERANK_TOP_K, Gallery
 from scta_search.files import ReadFile, Stamp
 from scta_search.store import IndexStore
 
@@ -113,9 +112,10 @@ def part_latency(args, base: Gallery, captions: list[str], work: Path) -> list[d
         queries = captions[: args.queries]
         gallery.search_text(queries[0], k=10)  # warm-up: loads the global matrix (and a FAISS index if installed)
         two_stage = statistics.median(
-            median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=64), 1) for q in queries
+            median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=DEFAULT_RERANK_TOP_K), 1)
+            for q in queries
         )
-        row = {"gallery": size, "two_stage_k64_seconds": round(two_stage, 4)}
+        row = {"gallery": size, "two_stage_seconds": round(two_stage, 4), "rerank_top_k": DEFAULT_RERANK_TOP_K}
         if size <= args.exhaustive_max:
             exhaustive = statistics.median(
                 median_seconds(lambda q=q: gallery.search_text(q, k=10, rerank_top_k=0), 1) for q in queries[:3]
@@ -132,45 +132,20 @@ def part_latency(args, base: Gallery, captions: list[str], work: Path) -> list[d
 
 
 def part_paper_shapes(args) -> dict:
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+    """Indexing at the paper's shapes: images/s of the ViT-B/16 image side (random weights) and the index's bytes
+    per image. The per-query latency at these shapes is `bench/bench_two_stage.py --scale`'s (one measurement)."""
+    from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     vit = ViTModel(ViTConfig(), add_pooling_layer=False).eval()
-    bert = BertModel(BertConfig(), add_pooling_layer=False).eval()
     pixel_values = torch.randn(8, 3, 224, 224)
-    ids = torch.randint(1000, 20000, (1, 16))
     with torch.no_grad():
         vit(pixel_values=pixel_values)
         images_per_second = 8 / median_seconds(lambda: vit(pixel_values=pixel_values), 2)
-        text_seconds = median_seconds(lambda: bert(input_ids=ids), 3)
-    from configuration_scta import SCTAConfig
-    from modeling_scta import KeyTokenAlignmentHead
-
-    head = KeyTokenAlignmentHead.from_config(SCTAConfig()).eval()
-    candidates = torch.randn(64, 197, 512).half()
-    text_tokens, text_mask = torch.randn(1, 16, 512), torch.ones(1, 16, dtype=torch.long)
-    results = {
-        "vit_b16_images_per_second": round(images_per_second, 2),
-        "bert_base_query_seconds": round(text_seconds, 4),
-    }
-    with torch.no_grad():
-        captions = head.caption_key_tokens(text_tokens, text_mask)
-        results["head_64_candidates_seconds"] = round(
-            median_seconds(
-                lambda: head.score_pairs(candidates, captions, torch.arange(64), torch.zeros(64, dtype=torch.long)), 3
-            ),
-            4,
-        )
-        for size in args.gallery_sizes:
-            unit = F.normalize(torch.randn(size, 512), dim=-1)
-            query = F.normalize(torch.randn(512), dim=-1)
-            first = median_seconds(lambda: (unit @ query).topk(64), 5)
-            results[f"first_stage_{size}_seconds"] = round(first, 5)
-            results[f"query_{size}_projected_seconds"] = round(
-                text_seconds + first + results["head_64_candidates_seconds"], 4
-            )
-            results[f"index_{size}_projected_hours"] = round(size / images_per_second / 3600, 2)
-        results["bytes_per_image_paper_shapes"] = 197 * 512 * 2 + 512 * 4  # float16 tokens + float32 global
+    results = {"vit_b16_images_per_second": round(images_per_second, 2)}
+    for size in args.gallery_sizes:
+        results[f"index_{size}_projected_hours"] = round(size / images_per_second / 3600, 2)
+    results["bytes_per_image_paper_shapes"] = 197 * 512 * 2 + 512 * 4  # float16 tokens + float32 global
     return results
 
 

@@ -1,24 +1,27 @@
 """
-Benchmark of two-stage retrieval: a cheap first stage proposes the top-k candidates of every query, the exact SCTA
-head re-scores only those (`SCTATrainer.evaluate --rerank_top_k K`; design in docs/RETRIEVAL.md).
+Benchmark of two-stage retrieval: the first stage proposes the top-k candidates of every query, the head (or the
+fused score: head + fusion_weight x first-stage cosine) re-scores only those (`SCTATrainer.evaluate
+--rerank_top_k K`; design in docs/RETRIEVAL.md).
 
-Part 1, recall (`--models DIR [DIR ...]`, trained models): on a test split (default: the demo's synthetic test,
-1,000 images / 5,000 captions), for each model
-- exhaustive: every pair through the head (`SCTAModel.score`), its R@1/5/10 and scoring time;
-- for each first stage and each k in `--ks`: the candidate recall (share of queries whose positive is among the
-  k candidates), the final R@1/5/10 in both directions after re-ranking (one ranking per direction), the
-  distinct head pairs scored, and the scoring time (first stage + head on the candidates, measured with
-  `SCTAModel.score_candidates`, through `scta_train.retrieval.two_stage_rank`, the function `SCTATrainer.evaluate` uses;
-  the re-ranked scores are checked against the exhaustive matrix).
-  First stages: `global` (cosine of the model's global embeddings, `config.global_pooling`), `cls` (cosine of the
-  projected [CLS] tokens), and `global>independent@N` (the global top N of every query, N in `--middle-n`,
-  re-ranked by the head with caption-independent patch selection on precomputed image key tokens, docs/RETRIEVAL.md's
-  middle stage).
+Part 1, recall (`--models DIR [DIR ...]`, trained models, e.g. three seeds): on a test split (default: the demo's
+synthetic test, 1,000 images / 5,000 captions), for each model
+- exhaustive: the head alone over every pair (`SCTAModel.score`, the paper's protocol), the first stage alone
+  (`first_stage_similarity`) and the fused score, with R@1/5/10 and scoring time;
+- for each first stage (`adapter`: the model's first-stage adapter; `global`: the plain cosine of the global
+  embeddings), each ranking (`head`, `fused`) and each k in `--ks`: the candidate recall (share of queries whose
+  positive is among the k candidates), the final R@1/5/10 in both directions, the distinct head pairs scored, and
+  the scoring time (first stage + head on the candidates, through `scta_train.retrieval.two_stage_rank`, the
+  function `SCTATrainer.evaluate` uses; the re-ranked scores are checked against the exhaustive matrix);
+- a summary over the models: means, and the targets (the smallest k <= 32 with candidate recall >= 99.5% in
+  both directions on every model; there, two-stage fused R@1 against exhaustive head-only and against the first
+  stage alone; head pairs and scoring time against exhaustive).
 
 Part 2, scale (`--scale`): the paper's shapes with random weights (1 + 196 image tokens, width 512, K = 98,
 M = 29, a Flickr30K-length caption), per text query against a gallery of n images:
-- first stage: cosine of the query against n global embeddings + top-k, measured at every n of `--gallery-sizes`;
-- head on the k candidates (`score_candidates`), measured (independent of n);
+- first stage: the query through a linear adapter, cosine against n stored first-stage embeddings + top-k,
+  measured at every n of `--gallery-sizes`;
+- head on the k candidates (`score_pairs`: one caption per image, slot norms without the per-image basis),
+  measured (independent of n);
 - the query's text tower (BERT-base shapes, random weights), measured;
 - exhaustive: the head against all n images, measured on `--exhaustive-images` images and projected linearly
   (the head's cost per image is constant: it has to rebuild every image's key state for the new caption).
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 import benchlib
 from benchlib import format_table, logger, machine_info, matmul_peak_gflops, set_threads, timed, write_json
-from modeling_scta import KeyTokenAlignmentHead, SCTAModel, cosine_similarity_matrix
+from modeling_scta import FirstStageAdapter, KeyTokenAlignmentHead, SCTAModel
 from processing_scta import SCTAProcessor
 from scta_train.arguments import DataArguments
 from scta_train.data import load_retrieval_dataset
@@ -44,6 +47,34 @@ from scta_train.retrieval import NON_CANDIDATE_OFFSET, encode_caption_corpus, en
 
 
 RECALLS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum")
+
+
+EXHAUSTIVE_COLUMNS = [
+    ("ranking", "ranking", ""),
+    ("R@1 i2t", "r1_i2t", ".1f"),
+    ("R@5", "r5_i2t", ".1f"),
+    ("R@10", "r10_i2t", ".1f"),
+    ("R@1 t2i", "r1_t2i", ".1f"),
+    ("R@5 ", "r5_t2i", ".1f"),
+    ("R@10 ", "r10_t2i", ".1f"),
+    ("rsum", "rsum", ".1f"),
+    ("scoring s", "scoring_s", ".3f"),
+]
+TWO_STAGE_COLUMNS = [
+    ("stage", "stage", ""),
+    ("ranking", "ranking", ""),
+    ("k", "k", "d"),
+    ("cand i2t", "candidate_recall_i2t", ".1f"),
+    ("cand t2i", "candidate_recall_t2i", ".1f"),
+    ("R@1 i2t", "r1_i2t", ".1f"),
+    ("R@5", "r5_i2t", ".1f"),
+    ("R@10", "r10_i2t", ".1f"),
+    ("R@1 t2i", "r1_t2i", ".1f"),
+    ("R@5 ", "r5_t2i", ".1f"),
+    ("R@10 ", "r10_t2i", ".1f"),
+    ("head pairs", "head_pairs", ",.0f"),
+    ("scoring s", "scoring_s", ".3f"),
+]
 
 
 class _MainProcessFirst:
@@ -71,6 +102,7 @@ def evaluate_model(args, model_dir: str, split) -> dict:
     device = torch.device(args.device)
     model.to(device)
     config = model.config
+    fusion_weight = config.fusion_weight or 0.0
     images = RetrievalEvalImages(split, processor.image_processor)
     captions_view = RetrievalEvalCaptions(split, processor.tokenizer)
     caption_to_image = captions_view.caption_to_image
@@ -87,97 +119,164 @@ def evaluate_model(args, model_dir: str, split) -> dict:
             1,
             device,
         )
-        exhaustive_scores, exhaustive_s = timed(
+        head_scores, exhaustive_s = timed(
             lambda: model.score(image_tokens, captions).float().cpu(), args.repeats, device
         )
-    exhaustive = retrieval_metrics(exhaustive_scores, caption_to_image)
+        first_stage_scores, first_stage_s = timed(
+            lambda: model.first_stage_similarity(image_global, caption_global).float().cpu(), args.repeats, device
+        )
+    # exhaustive rankings: the head alone (the paper's protocol), the first stage alone, and the fused score
+    exhaustive = {
+        "head": head_scores,
+        "first_stage": first_stage_scores,
+        "fused": head_scores + fusion_weight * first_stage_scores,
+    }
+    exhaustive_rows = [
+        {
+            "model": model_dir,
+            "ranking": name,
+            **{
+                metric: value
+                for metric, value in retrieval_metrics(scores, caption_to_image).items()
+                if metric in RECALLS
+            },
+            "head_pairs": 0 if name == "first_stage" else num_images * num_captions,
+            "scoring_s": first_stage_s if name == "first_stage" else exhaustive_s + first_stage_s * (name == "fused"),
+        }
+        for name, scores in exhaustive.items()
+    ]
+    head_only = exhaustive_rows[0]
     logger.info(
-        "%s: %d images x %d captions; encoding %.1f s + %.1f s; exhaustive head %.2f s, R@1 %.1f / %.1f",
+        "%s: %d images x %d captions; encoding %.1f s + %.1f s; fusion weight %s; exhaustive R@1 head %.1f / %.1f, "
+        "first stage %.1f / %.1f, fused %.1f / %.1f",
         model_dir,
         num_images,
         num_captions,
         encode_images_s,
         encode_captions_s,
-        exhaustive_s,
-        exhaustive["r1_i2t"],
-        exhaustive["r1_t2i"],
+        fusion_weight,
+        *[row[metric] for row in exhaustive_rows for metric in ("r1_i2t", "r1_t2i")],
     )
 
-    def global_stage():
-        return model.global_similarity(image_global, caption_global).float().cpu()
+    def score_exact(weight):
+        def score(image_index, caption_index):
+            return (
+                model.score_candidates(image_tokens, captions, image_index, caption_index, fusion_weight=weight)
+                .float()
+                .cpu()
+            )
 
-    def cls_stage():
-        if not config.vision_has_cls_token:
-            raise ValueError("the image tower has no [CLS]")
-        text_cls = captions.tokens[captions.offsets[:-1].to(captions.tokens.device)]  # key token 0 = norm(T_0)
-        return cosine_similarity_matrix(image_tokens[:, 0], text_cls).float().cpu()
+        return score
 
-    with torch.no_grad():
-        image_keys, image_keys_s = timed(lambda: model.caption_independent_image_keys(image_tokens), 1, device)
-    logger.info("caption-independent image key tokens: %.2f s for %d images (once per image)", image_keys_s, num_images)
-
-    def score_exact(image_index, caption_index):
-        return model.score_candidates(image_tokens, captions, image_index, caption_index).float().cpu()
-
-    def score_middle(image_index, caption_index):
-        return model.caption_independent_scores(image_keys, captions, image_index, caption_index).float().cpu()
-
-    # (first stage, middle stage top-N)
-    stages = {"global": (global_stage, 0), "cls": (cls_stage, 0)}
-    stages.update({f"global>independent@{n}": (global_stage, n) for n in args.middle_n})
+    stages = {
+        "adapter": lambda: model.first_stage_similarity(image_global, caption_global).float().cpu(),
+        "global": lambda: model.global_similarity(image_global, caption_global).float().cpu(),
+    }
+    if config.first_stage_adapter == "none":
+        stages.pop("adapter")  # the model's first stage is the global cosine
     rows = []
-    for name, (stage, middle_n) in stages.items():
+    plans = [(stage, ranking) for stage in stages for ranking in ("head", "fused")]
+    for stage, ranking in plans:
+        weight = fusion_weight if ranking == "fused" else 0.0
         for k in args.ks:
 
             def run():
-                return two_stage_rank(stage(), caption_to_image, k, score_exact, middle_n, score_middle)
+                return two_stage_rank(
+                    stages[stage](),
+                    caption_to_image,
+                    k,
+                    score_exact(weight),
+                    non_candidate_offset=NON_CANDIDATE_OFFSET + weight,
+                )
 
             with torch.no_grad():
                 (i2t, t2i, stats), scoring_s = timed(run, args.repeats, device)
             metrics = retrieval_metrics(i2t, caption_to_image, text_to_image_scores=t2i)
             # the re-ranked candidates hold exact scores: the same entries as the exhaustive matrix
-            exact = i2t > -NON_CANDIDATE_OFFSET + 1
+            exact = i2t > -NON_CANDIDATE_OFFSET - weight + 1
+            reference = exhaustive["fused" if weight else "head"]
             row = {
                 "model": model_dir,
-                "stage": name,
+                "stage": stage,
+                "ranking": ranking,
                 "k": k,
                 **stats,
                 "pair_reduction": num_images * num_captions / stats["head_pairs"],
                 "scoring_s": scoring_s,
                 "speedup": exhaustive_s / scoring_s,
-                "max_abs_diff_vs_exhaustive": float((i2t[exact] - exhaustive_scores[exact]).abs().max()),
+                "max_abs_diff_vs_exhaustive": float((i2t[exact] - reference[exact]).abs().max()),
                 **{metric: metrics[metric] for metric in RECALLS},
-                "delta_r1_i2t": metrics["r1_i2t"] - exhaustive["r1_i2t"],
-                "delta_r1_t2i": metrics["r1_t2i"] - exhaustive["r1_t2i"],
+                "delta_r1_i2t": metrics["r1_i2t"] - head_only["r1_i2t"],
+                "delta_r1_t2i": metrics["r1_t2i"] - head_only["r1_t2i"],
             }
             rows.append(row)
             logger.info(
-                "%s k=%d: R@1 %.1f / %.1f (exhaustive %.1f / %.1f), %d head pairs, %.2f s",
-                name,
+                "%s, %s, k=%d: R@1 %.1f / %.1f (exhaustive head %.1f / %.1f), candidates %.1f / %.1f, %d head pairs, "
+                "%.2f s",
+                row["stage"],
+                ranking,
                 k,
                 row["r1_i2t"],
                 row["r1_t2i"],
-                exhaustive["r1_i2t"],
-                exhaustive["r1_t2i"],
+                head_only["r1_i2t"],
+                head_only["r1_t2i"],
+                row["candidate_recall_i2t"],
+                row["candidate_recall_t2i"],
                 row["head_pairs"],
                 scoring_s,
             )
     return {
         "model": model_dir,
-        "global_pooling": config.global_pooling,
+        "first_stage_adapter": config.first_stage_adapter,
+        "fusion_weight": fusion_weight,
         "global_loss_weight": config.global_loss_weight,
         "images": num_images,
         "captions": num_captions,
         "encode_images_s": encode_images_s,
         "encode_captions_s": encode_captions_s,
-        "caption_independent_keys_s": image_keys_s,
-        "exhaustive": {
-            **{name: exhaustive[name] for name in RECALLS},
-            "head_pairs": num_images * num_captions,
-            "scoring_s": exhaustive_s,
-        },
+        "exhaustive": exhaustive_rows,
         "rows": rows,
     }
+
+
+def summarise(models: list[dict], ks) -> dict:
+    """Means over the models (seeds) of every exhaustive ranking and every (stage, ranking, k) row, and the issue's
+    targets checked on them: the smallest k <= 32 with candidate recall >= 99.5% in both directions on every model."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    exhaustive = {}
+    for name in ("head", "first_stage", "fused"):
+        rows = [row for model in models for row in model["exhaustive"] if row["ranking"] == name]
+        exhaustive[name] = {metric: mean([row[metric] for row in rows]) for metric in (*RECALLS, "scoring_s")}
+    two_stage = []
+    keys = sorted({(row["stage"], row["ranking"], row["k"]) for model in models for row in model["rows"]})
+    for stage, ranking, k in keys:
+        rows = [
+            row for m in models for row in m["rows"] if (row["stage"], row["ranking"], row["k"]) == (stage, ranking, k)
+        ]
+        entry = {"stage": stage, "ranking": ranking, "k": k, "models": len(rows)}
+        for metric in (*RECALLS, "candidate_recall_i2t", "candidate_recall_t2i", "head_pairs", "scoring_s"):
+            entry[metric] = mean([row[metric] for row in rows])
+        entry["min_candidate_recall"] = min(min(r["candidate_recall_i2t"], r["candidate_recall_t2i"]) for r in rows)
+        two_stage.append(entry)
+    summary = {"exhaustive": exhaustive, "two_stage": two_stage}
+    chosen = [
+        e
+        for e in two_stage
+        if e["stage"] == "adapter" and e["ranking"] == "fused" and e["k"] <= 32 and e["min_candidate_recall"] >= 99.5
+    ]
+    if chosen:
+        best = min(chosen, key=lambda e: e["k"])
+        head = exhaustive["head"]
+        summary["targets"] = {
+            "k": best["k"],
+            "candidate_recall_min": best["min_candidate_recall"],
+            "fused_two_stage_minus_head_r1_i2t": best["r1_i2t"] - head["r1_i2t"],
+            "fused_two_stage_minus_head_r1_t2i": best["r1_t2i"] - head["r1_t2i"],
+            "fused_two_stage_minus_first_stage_rsum": best["rsum"] - exhaustive["first_stage"]["rsum"],
+            "pair_reduction": models[0]["images"] * models[0]["captions"] / best["head_pairs"],
+            "time_reduction": head["scoring_s"] / best["scoring_s"],
+        }
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,11 +305,18 @@ def scale(args) -> dict:
         results["text_tower_s"] = timed(lambda: bert(input_ids=ids), args.repeats, device)[1]
         bert = None  # free its memory before the gallery
 
-        # first stage, measured at every gallery size
+        # first stage, measured at every gallery size: the query through a linear adapter, then cosine + top-k
+        # over the gallery's first-stage embeddings (stored adapted and normalised, as scta-search does)
+        adapter = FirstStageAdapter(width, "linear")
+        for parameter in adapter.parameters():  # random weights, like the rest of this part
+            parameter.normal_(0.0, width**-0.5, generator=generator)
+        adapter = adapter.to(device).eval()
         for size in args.gallery_sizes:
             gallery = F.normalize(torch.randn(size, width, generator=generator), dim=-1).to(device)
             for k in args.scale_ks:
-                _, seconds = timed(lambda: (gallery @ query_global[0]).topk(min(k, size)), args.repeats, device)
+                _, seconds = timed(
+                    lambda: (gallery @ adapter.text(query_global)[0]).topk(min(k, size)), args.repeats, device
+                )
                 results["first_stage"].append({"gallery": size, "k": k, "seconds": seconds})
             gallery = None
 
@@ -267,14 +373,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--synthetic-train-images", type=int, default=16000, help="names the demo's cached synthetic set"
     )
     parser.add_argument("--split", default="test")
-    parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    parser.add_argument(
-        "--middle-n", type=int, nargs="+", default=[64, 256], help="global candidates re-ranked by the middle stage"
-    )
+    parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--scale", action="store_true", help="part 2: per-query latency at the paper's shapes")
     parser.add_argument("--gallery-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--scale-ks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--scale-ks", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--caption-tokens", type=int, default=15, help="query length (Flickr30K test mean: 15.6)")
     parser.add_argument("--exhaustive-images", type=int, default=2000, help="images the exhaustive query is timed on")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
@@ -286,7 +389,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.gallery_sizes, args.scale_ks, args.exhaustive_images, args.repeats = [1000, 5000], [8, 16], 32, 1
-        args.middle_n = [min(n, 16) for n in args.middle_n]
     if not args.models and not args.scale:
         parser.error("nothing to do: give --models DIR ... and/or --scale")
     return args
@@ -305,41 +407,23 @@ def main(argv=None) -> dict:
         split = load_split(args)
         results["models"] = [evaluate_model(args, model_dir, split) for model_dir in args.models]
         for summary in results["models"]:
-            exhaustive = summary["exhaustive"]
-            logger.info(
-                "\n%s (global_pooling=%s, global_loss_weight=%s): exhaustive R@1/5/10 i2t %.1f/%.1f/%.1f t2i "
-                "%.1f/%.1f/%.1f rsum %.1f, %d pairs, %.2f s",
-                summary["model"],
-                summary["global_pooling"],
-                summary["global_loss_weight"],
-                *[exhaustive[name] for name in RECALLS],
-                exhaustive["head_pairs"],
-                exhaustive["scoring_s"],
+            logger.info("\n%s (fusion weight %s): exhaustive", summary["model"], summary["fusion_weight"])
+            logger.info(format_table(summary["exhaustive"], EXHAUSTIVE_COLUMNS))
+            logger.info(format_table(summary["rows"], TWO_STAGE_COLUMNS))
+        results["summary"] = summarise(results["models"], args.ks)
+        logger.info(
+            "\nmean over %d model(s): exhaustive\n%s",
+            len(results["models"]),
+            format_table(
+                [{"ranking": n, **v} for n, v in results["summary"]["exhaustive"].items()], EXHAUSTIVE_COLUMNS
+            ),
+        )
+        logger.info(
+            format_table(
+                results["summary"]["two_stage"], TWO_STAGE_COLUMNS + [("min cand", "min_candidate_recall", ".1f")]
             )
-            logger.info(
-                format_table(
-                    summary["rows"],
-                    [
-                        ("stage", "stage", ""),
-                        ("k", "k", "d"),
-                        ("cand i2t", "candidate_recall_i2t", ".1f"),
-                        ("cand t2i", "candidate_recall_t2i", ".1f"),
-                        ("R@1 i2t", "r1_i2t", ".1f"),
-                        ("R@5", "r5_i2t", ".1f"),
-                        ("R@10", "r10_i2t", ".1f"),
-                        ("R@1 t2i", "r1_t2i", ".1f"),
-                        ("R@5 ", "r5_t2i", ".1f"),
-                        ("R@10 ", "r10_t2i", ".1f"),
-                        ("dR@1 i2t", "delta_r1_i2t", "+.1f"),
-                        ("dR@1 t2i", "delta_r1_t2i", "+.1f"),
-                        ("head pairs", "head_pairs", ",d"),
-                        ("fewer", "pair_reduction", ".1f"),
-                        ("middle pairs", "middle_pairs", ",d"),
-                        ("scoring s", "scoring_s", ".2f"),
-                        ("faster", "speedup", ".1f"),
-                    ],
-                )
-            )
+        )
+        logger.info("targets: %s", results["summary"].get("targets", "no k <= 32 reached 99.5% candidate recall"))
     if args.scale:
         results["scale"] = scale(args)
         logger.info(

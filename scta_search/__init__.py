@@ -10,7 +10,11 @@ the pictures of why a result matched `scta_search.explain`.
 Importing this package costs nothing: torch and transformers load with the first attribute that needs them.
 """
 
-__all__ = ["Gallery", "SearchResult", "WordMatch"]
+__all__ = ["DEFAULT_RERANK_TOP_K", "Gallery", "SearchResult", "WordMatch"]
+
+# Candidates of the first stage the head re-ranks for a text query (the CLI's, the server's and the Python default):
+# with a first-stage adapter, k = 16 kept every positive among the candidates on the demo (bench/RESULTS.md).
+DEFAULT_RERANK_TOP_K = 16
 
 
 def __getattr__(name: str):

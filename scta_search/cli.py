@@ -22,6 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
+from . import DEFAULT_RERANK_TOP_K
+
 
 logger = logging.getLogger("scta_search")
 
@@ -81,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--index", required=True)
     query.add_argument("-k", type=positive_int, default=10, help="how many results")
     query.add_argument(
-        "--rerank_top_k", type=non_negative_int, default=64, help="candidates the head re-ranks; 0 = every image"
+        "--rerank_top_k",
+        type=non_negative_int,
+        default=DEFAULT_RERANK_TOP_K,
+        help="candidates of the first stage the fused score re-ranks; 0 = every image",
     )
     query.add_argument(
         "--not",
@@ -237,7 +242,7 @@ def run_index(args) -> None:
     if not state.is_main_process:
         return
     if len(gallery):
-        gallery.first_stage(gallery.unit_embeddings()[0], 1)  # builds and saves the FAISS index (with faiss)
+        gallery.first_stage(gallery.first_stage_embeddings()[0], 1)  # builds and saves the FAISS index (with faiss)
     if counts is None:
         say(f"Indexed {len(gallery)} images into {display(args.index)}.")
     else:

@@ -68,7 +68,7 @@ def explain(model, processor, image, caption: str, matched: dict[str, bool] | No
         text_tokens = model.get_text_features(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
         mask = inputs["attention_mask"]
         caption_keys = head.text_key_tokens(text_tokens, mask)
-        state = head.image_key_state(image_tokens)
+        state = head.image_key_state(image_tokens, with_basis=False)  # one caption: no basis needed
         selection = head.selection_scores(state, caption_keys)[0, 0]  # (N,), exactly what block_scores ranks
         kept = selection.topk(head.num_kept_patches).indices.sort().values
         keep = torch.zeros(1, head.num_patches, dtype=torch.bool, device=device)

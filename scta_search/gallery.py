@@ -1,7 +1,7 @@
 """A searchable set of images: a trained SCTA model and its index (`store.IndexStore`).
 
-Text search is two-stage (docs/RETRIEVAL.md): the global embeddings' cosine proposes candidates, the exact SCTA head
-re-ranks them. Image search (`search_like`) ranks by the global embeddings' cosine, the only image-image score the
+Text search is two-stage (docs/RETRIEVAL.md): the first stage (the model's adapter over the global embeddings)
+proposes candidates, the fused score (exact SCTA head + weighted first-stage cosine) re-ranks them. Image search (`search_like`) ranks by the global embeddings' cosine, the only image-image score the
 model has. torch and transformers are imported here, not by the command line's argument parsing.
 """
 
@@ -23,6 +23,7 @@ from configuration_scta import HEAD_SETTINGS
 from modeling_scta import KeyTokenAlignmentHead, SCTAModel
 from processing_scta import SCTAProcessor, convert_to_rgb, image_side
 
+from . import DEFAULT_RERANK_TOP_K
 from .files import display, excluded, list_images, read_ahead, read_image_file
 from .store import (
     FAISS_FILE,
@@ -377,7 +378,7 @@ class Gallery:
         self._locations = [(shard, row) for _, _, shard, row in self._rows]
         self.path_of_id = {image_id: path for image_id, path, _, _ in self._rows}  # stable row ids (the server's)
         self.id_of_path = {path: image_id for image_id, path, _, _ in self._rows}
-        self._unit = None
+        self._unit = self._first_stage_unit = None
         self._faiss = None
         return True
 
@@ -427,21 +428,43 @@ class Gallery:
             self._unit = F.normalize(torch.from_numpy(self.store.take(self._locations, 1)), dim=-1)
         return self._unit
 
-    def first_stage(self, query_global: torch.Tensor, k: int) -> list[int]:
-        """Rows of the `k` best global-embedding cosines: FAISS when installed (the saved index when it matches
-        the rows and factory, else built and saved), else one exact matrix product."""
+    def first_stage_embeddings(self) -> torch.Tensor:
+        """First-stage embeddings `(n, C)` of the gallery rows: the model's adapter over their global embeddings
+        (`SCTAModel.first_stage_image_embeds`), normalised; the normalised global embeddings without an adapter."""
+        if self._first_stage_unit is None:
+            global_embeddings = torch.from_numpy(self.store.take(self._locations, 1))
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                parts = [
+                    self.model.first_stage_image_embeds(global_embeddings[start : start + 65536].to(device))
+                    .float()
+                    .cpu()
+                    for start in range(0, len(global_embeddings), 65536)
+                ]
+            self._first_stage_unit = torch.cat(parts) if parts else torch.zeros(0, global_embeddings.shape[1])
+        return self._first_stage_unit
+
+    def first_stage(self, query: torch.Tensor, k: int) -> list[int]:
+        """Rows of the `k` best first-stage cosines with the query's first-stage embedding: FAISS when installed (the
+        saved index when it matches the rows and factory, else built and saved), else one exact matrix product."""
         k = min(k, len(self))
         try:
             import faiss
         except ImportError:
-            return (self.unit_embeddings() @ query_global.float()).topk(k).indices.tolist()
+            return (self.first_stage_embeddings() @ query.float()).topk(k).indices.tolist()
         if self._faiss is None:
             self._faiss = self._load_or_build_faiss(faiss)
-        _, rows = self._faiss.search(query_global.float().numpy()[None], k)
+        _, rows = self._faiss.search(query.float().numpy()[None], k)
         return [int(row) for row in rows[0] if row >= 0]
 
     def _load_or_build_faiss(self, faiss):
-        folder, info = self.store.folder, {"generation": self._generation, "factory": self._faiss_factory or "Flat"}
+        folder = self.store.folder
+        # the index holds the first-stage embeddings: it belongs to these rows, this factory and this adapter
+        info = {
+            "generation": self._generation,
+            "factory": self._faiss_factory or "Flat",
+            "first_stage_adapter": self.model.config.first_stage_adapter,
+        }
         try:
             if json.loads((folder / FAISS_INFO).read_text(encoding="utf-8")) == info:
                 index = faiss.read_index(str(folder / FAISS_FILE))
@@ -449,7 +472,7 @@ class Gallery:
                     return index
         except (OSError, ValueError, RuntimeError):
             pass
-        index = build_faiss(self.unit_embeddings().numpy(), self._faiss_factory)
+        index = build_faiss(self.first_stage_embeddings().numpy(), self._faiss_factory)
         if is_writable(folder):  # a read-only index is searched with an index built in memory, never written
             temporary = folder / f".{FAISS_FILE}.tmp-{os.getpid()}"
             faiss.write_index(index, str(temporary))
@@ -467,25 +490,28 @@ class Gallery:
         with eval_mode(self.model):
             features = self.model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
             captions = self.model.caption_key_tokens(features.last_hidden_state, inputs["attention_mask"])
+            query_first_stage = self.model.first_stage_text_embeds(features.pooler_output)[0].float().cpu()
         inputs["text_tokens"] = features.last_hidden_state
-        return captions, F.normalize(features.pooler_output.float(), dim=-1)[0].cpu(), inputs
+        return captions, query_first_stage, inputs
 
     def search_text(
         self,
         query: str,
         k: int = 10,
-        rerank_top_k: int = 64,
+        rerank_top_k: int = DEFAULT_RERANK_TOP_K,
         negative: str | None = None,
         cutoff: float | None = None,
         exclude=(),
         word_report: bool = False,
     ) -> list[SearchResult]:
-        """The `k` images best matching `query`, best first, with their SCTA scores.
+        """The `k` images best matching `query`, best first, with their scores.
 
-        - Two-stage: the global cosine proposes `max(k, rerank_top_k)` candidates, the head scores them;
+        - Two-stage: the first stage (the model's adapter over the global embeddings, or their plain cosine)
+          proposes `max(k, rerank_top_k)` candidates; they are ranked by the fused score `head + fusion_weight x
+          first-stage cosine` (`config.fusion_weight`, chosen on dev; 0 or unset: the head alone).
           `rerank_top_k=0` scores every image with the head (exhaustive).
-        - `negative`: text to rank down. Each candidate's score becomes `score(query) - score(negative)`, both by
-          the head: an image that matches the negative text as well as the query falls to about 0.
+        - `negative`: text to rank down. Each candidate's score becomes `score(query) - score(negative)`, both
+          fused: an image that matches the negative text as well as the query falls to about 0.
         - `cutoff` in (0, 1]: keep only results scoring at least `cutoff` x the best result's score (relative to the
           best: the head's scores are not calibrated across queries, so no absolute threshold means the same thing
           for two queries).
@@ -500,23 +526,23 @@ class Gallery:
         self.refresh()
         if len(self) == 0:
             raise ValueError(f"the index {display(str(self.store.folder))} holds no images; index a folder first.")
-        captions, query_global, inputs = self.encode_query(query)
+        captions, query_first_stage, inputs = self.encode_query(query)
         allowed = [r for r, path in enumerate(self._paths) if not excluded(path, exclude)] if exclude else None
         if rerank_top_k == 0:
             candidates = allowed if allowed is not None else list(range(len(self)))
         elif allowed is not None:
-            cosines = self.unit_embeddings()[allowed] @ query_global
+            cosines = self.first_stage_embeddings()[allowed] @ query_first_stage
             top = cosines.topk(min(max(k, rerank_top_k), len(allowed))).indices.tolist()
             candidates = [allowed[i] for i in top]
         else:
-            candidates = self.first_stage(query_global, max(k, rerank_top_k))
+            candidates = self.first_stage(query_first_stage, max(k, rerank_top_k))
         if not candidates:
             return []
         tokens = self.tokens(candidates)
-        scores = self._head_scores(tokens, captions)
+        scores = self._fused_scores(candidates, tokens, captions, query_first_stage)
         if negative is not None:
-            negative_captions = self.encode_query(negative)[0]
-            scores = scores - self._head_scores(tokens, negative_captions)
+            negative_captions, negative_first_stage, _ = self.encode_query(negative)
+            scores = scores - self._fused_scores(candidates, tokens, negative_captions, negative_first_stage)
         order = scores.topk(min(k, len(candidates))).indices
         if cutoff is not None and float(scores[order[0]]) > 0:
             order = order[scores[order] >= cutoff * float(scores[order[0]])]
@@ -526,13 +552,22 @@ class Gallery:
             for n, i in enumerate(order.tolist())
         ]
 
-    def _head_scores(self, tokens: torch.Tensor, captions) -> torch.Tensor:
+    def _fused_scores(self, candidates: list[int], tokens: torch.Tensor, captions, query_first_stage) -> torch.Tensor:
+        """`head + fusion_weight x first-stage cosine` of the candidates (the first stage's own embeddings, as
+        stored, so that the fused score adds exactly the cosine that chose the candidates)."""
         device = next(self.model.parameters()).device
         with eval_mode(self.model):
-            scores = self.model.score_candidates(
-                tokens.to(device), captions, torch.arange(len(tokens))[None, :], torch.zeros(1, 1, dtype=torch.long)
+            scores = (
+                self.model.score_candidates(
+                    tokens.to(device), captions, torch.arange(len(tokens))[None, :], torch.zeros(1, 1, dtype=torch.long)
+                )[0]
+                .float()
+                .cpu()
             )
-        return scores[0].float().cpu()
+        fusion_weight = self.model.config.fusion_weight or 0.0
+        if fusion_weight:
+            scores = scores + fusion_weight * (self.first_stage_embeddings()[candidates] @ query_first_stage)
+        return scores
 
     def word_report(self, tokens: torch.Tensor, captions, inputs, order: torch.Tensor) -> list[tuple[WordMatch, ...]]:
         """For the results `order` (rows of `tokens`, the re-ranked candidates): each key token of the query (its
@@ -547,7 +582,7 @@ class Gallery:
         device = next(self.model.parameters()).device
         with eval_mode(self.model):
             text = captions.select(torch.zeros(1, dtype=torch.long))  # (1, J, C)
-            state = head.image_key_state(tokens.to(device=device, dtype=text.tokens.dtype))
+            state = head.image_key_state(tokens.to(device=device, dtype=text.tokens.dtype), with_basis=False)
             similarities = head.block_similarities(state, text)[:, 0]  # (I, J, V)
             alignment = F.leaky_relu(similarities.max(-1).values, head.negative_slope).float().cpu()  # (I, J)
         names = key_token_names(self.model, self.processor, inputs)

@@ -5,7 +5,7 @@ Built on FastAPI + uvicorn rather than Gradio's own API: the search API is plain
 (curl, a photo manager, a script) calls without a Gradio client, FastAPI documents it at /docs, and Gradio mounts
 into the same application, so the demo and the API share one model in memory.
 
-    GET  /api/search?q=TEXT&k=10&not=TEXT&cutoff=0.8&exclude=PATTERN&rerank_top_k=64
+    GET  /api/search?q=TEXT&k=10&not=TEXT&cutoff=0.8&exclude=PATTERN&rerank_top_k=16
     GET  /api/like?id=ID&k=10                      images like an indexed one
     POST /api/like?k=10   (body: image bytes)      images like an uploaded one
     GET  /api/image/ID                             an indexed image file (only those: no path is ever taken)
@@ -23,6 +23,8 @@ import shutil
 import tempfile
 import threading
 import time
+
+from . import DEFAULT_RERANK_TOP_K
 
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def create_app(gallery, with_app: bool = True, k: int = 12):
     def search(
         q: str = Query(..., description="the text query"),
         k: int = Query(10, ge=1, le=1000),
-        rerank_top_k: int = Query(64, ge=0),
+        rerank_top_k: int = Query(DEFAULT_RERANK_TOP_K, ge=0),
         negative: str | None = Query(None, alias="not"),
         cutoff: float | None = Query(None, gt=0, le=1),
         exclude: list[str] = Query([]),

@@ -8,8 +8,8 @@
       shards/NNNNNNNN.arrow   the embeddings, appended batch by batch: Arrow IPC stream files with the columns
                            `tokens` (T, C) float16, `global_embedding` (C,) float32 and `sha256`
                            (`datasets.Dataset.from_file` reads them)
-      first_stage.faiss    the saved FAISS index of the normalised global embeddings (with faiss-cpu), and
-      first_stage.json     the generation and factory string it was built for; rebuilt when either differs
+      first_stage.faiss    the saved FAISS index of the first-stage embeddings (with faiss-cpu), and
+      first_stage.json     the generation, factory string and adapter kind it was built for; rebuilt when one differs
 
 Writes are atomic where a kill can land: a shard is written to a temporary name and renamed, then its rows are
 committed in one SQLite transaction. A kill loses at most the batch in flight; the next run re-encodes only what

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 SYNTHETIC_DATASET_NAME = "synthetic_shapes"
+# What the headline evaluation metrics rank by (SCTATrainingArguments.ranking).
+RANKINGS = ("fused", "head")
 
 
 def _head_setting_fields() -> list[tuple]:
@@ -267,7 +269,7 @@ class SCTATrainingArguments(TrainingArguments):
     eval_strategy: str = "epoch"
     save_strategy: str = "epoch"
     logging_steps: float = 50
-    metric_for_best_model: str = "rsum"
+    metric_for_best_model: str = "head_only_rsum"  # the model's own recall, whatever the adapter (fitted at the end)
     greater_is_better: bool = True
     load_best_model_at_end: bool = True
     remove_unused_columns: bool = False  # the collator builds the model's inputs
@@ -298,18 +300,32 @@ class SCTATrainingArguments(TrainingArguments):
     rerank_top_k: int = field(
         default=0,
         metadata={
-            "help": "Two-stage evaluation: the global embeddings' cosine proposes the top K candidates of every "
-            "query and the SCTA head re-scores only those. 0: every pair through the head (exhaustive)."
+            "help": "Two-stage evaluation as well: the first stage (the adapter's cosine) proposes the top K "
+            "candidates of every query and --ranking's score re-ranks only those (two_stage_* metrics, the headline "
+            "when K > 0). 0: exhaustive only."
         },
     )
-    middle_stage_top_n: int = field(
-        default=0,
+    ranking: str = field(
+        default="fused",
         metadata={
-            "help": "With --rerank_top_k: first re-rank the global top N of every query by the head with "
-            "caption-independent patch selection (precomputed image key tokens, no extra training), then give the "
-            "top K of that to the exact head. 0: no middle stage."
+            "help": "What the headline metrics rank by: 'fused' (head + fusion_weight x the first-stage adapter's "
+            "cosine, the weight chosen on dev) or 'head' (the head alone: the paper's protocol). Both are always "
+            "reported, as fused_* and head_only_*, beside first_stage_*."
         },
     )
+    first_stage_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Learning rate of the first-stage adapter (trained beside the model on detached inputs)."},
+    )
+    first_stage_epochs: int = field(
+        default=10,
+        metadata={
+            "help": "After training, the first-stage adapter is fitted again on the final, frozen embeddings of the "
+            "training split (each image and caption encoded once) for this many epochs; the towers and head are "
+            "untouched. 0: keep the adapter as trained beside the model."
+        },
+    )
+    first_stage_batch_size: int = field(default=256, metadata={"help": "Pairs per InfoNCE batch of that fit."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -337,10 +353,14 @@ class SCTATrainingArguments(TrainingArguments):
             raise ValueError(f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}.")
         if self.rerank_top_k < 0:
             raise ValueError(f"rerank_top_k must be >= 0 (0: exhaustive), got {self.rerank_top_k}.")
-        if self.middle_stage_top_n < 0 or (self.middle_stage_top_n and not self.rerank_top_k):
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"--ranking {self.ranking!r} is not one of {', '.join(RANKINGS)}.")
+        if self.first_stage_learning_rate < 0:
+            raise ValueError(f"first_stage_learning_rate must be >= 0, got {self.first_stage_learning_rate}.")
+        if self.first_stage_epochs < 0 or self.first_stage_batch_size < 2:
             raise ValueError(
-                f"middle_stage_top_n={self.middle_stage_top_n}: the middle stage re-ranks the first stage of two-stage "
-                "evaluation; use it with --rerank_top_k K > 0 (and N >= K), or set it to 0."
+                f"--first_stage_epochs must be >= 0 and --first_stage_batch_size >= 2 (InfoNCE needs negatives); got "
+                f"{self.first_stage_epochs} and {self.first_stage_batch_size}."
             )
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}.")

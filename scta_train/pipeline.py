@@ -20,6 +20,7 @@ from scta_train.arguments import SYNTHETIC_DATASET_NAME
 from scta_train.checks import check_launch, check_output_dir, check_splits
 from scta_train.coco_extended import coco_metrics_hook
 from scta_train.data import load_retrieval_dataset
+from scta_train.fit_first_stage import refit_first_stage
 from scta_train.metrics import compute_retrieval_metrics
 from scta_train.models import build_model, build_processor, load_scta_config
 from scta_train.processing import CaptionAugmenter, ImageTrainTransform, RetrievalCollator, RetrievalTrainDataset
@@ -162,6 +163,9 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
         compute_metrics=lambda prediction: compute_retrieval_metrics(prediction, data_args.five_fold_test),
         eval_max_caption_tokens=eval_max_caption_tokens,
         extra_metrics={"test": coco_metrics_hook(data_args.eccv_pm_dir)} if data_args.coco_extended_metrics else None,
+        # the fusion weight is chosen on dev unless given; a trained model's stored weight is kept when evaluating
+        choose_fusion_weight=model_args.fusion_weight is None
+        and (training_args.do_train or model.config.fusion_weight is None),
     )
 
     # 4. Train. Results carry the seed the model was trained with and the setting (data and head) they belong to,
@@ -171,11 +175,20 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
     results = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
+        # the adapter trained beside a moving model: fitted again on the final embeddings (the model is untouched)
+        refit_first_stage(
+            trainer.accelerator.unwrap_model(trainer.model),
+            dataset[data_args.train_split],
+            processor,
+            training_args,
+            skip_on_bad_image=data_args.on_bad_image == "skip",
+        )
         trainer.save_model()  # the best checkpoint when load_best_model_at_end, with the processor
         train_metrics = dict(
             train_result.metrics,
             nonfinite_loss_steps=trainer.nonfinite_loss_steps,
             steps_without_negatives=trainer.steps_without_negatives,
+            collapsed_steps=trainer.collapsed_steps,
             **seed,
         )
         trainer.log_metrics("train", train_metrics)
@@ -200,6 +213,14 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
             format_results(metrics, prefix),
         )
         results.update(metrics, **setting)
+        if (
+            prefix == "eval"
+            and training_args.do_train
+            and trainer.choose_fusion_weight
+            and trainer.is_world_process_zero()
+        ):
+            # the weight chosen on this final dev evaluation is the saved model's
+            model.config.save_pretrained(training_args.output_dir)
 
     # 6. Model card (with the results above) and Hub.
     if training_args.do_train:
@@ -246,7 +267,8 @@ def run_setting(data_args, config) -> dict:
             "dataset": str(Path(source).resolve()) if Path(source).exists() else source,
             "config": data_args.dataset_config_name,
         }
-    return {"data": data, "head": {name: getattr(config, name) for name in HEAD_SETTINGS}}
+    # the fusion weight is chosen at evaluation, after training: not part of what was trained
+    return {"data": data, "head": {name: getattr(config, name) for name in HEAD_SETTINGS if name != "fusion_weight"}}
 
 
 def hub_dataset_id(dataset_name: str | None) -> str | None:

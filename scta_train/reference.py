@@ -4,6 +4,8 @@
 `reference_similarity_loop` has the published code's structure: a Python loop over captions, each caption
 scored against all images at once (gathering the kept patches and running the patch aggregator on them
 per caption). The benchmark `bench/bench_similarity.py` times it as the baseline.
+`caption_independent_keys` / `caption_independent_scores` compute the head without `s_text` another way: the
+selection then depends on the image alone, so each image's key tokens are built once and aligned with any caption.
 """
 
 import math
@@ -121,3 +123,32 @@ def reference_similarity_loop(head, image_tokens, text_tokens, text_attention_ma
         similarities = F.leaky_relu(torch.bmm(text_keys, image_keys.transpose(1, 2)), head.negative_slope)
         columns.append(similarities.max(dim=2).values.mean(dim=1) + similarities.max(dim=1).values.mean(dim=1))
     return torch.stack(columns, dim=1)
+
+
+def caption_independent_keys(head, image_tokens: torch.Tensor) -> torch.Tensor:
+    """
+    Image key tokens `V = norm([c_v; A_v; f])` `(I, M + 1 [+ 1], C)` with the patch selection by `s_self` alone
+    (docs/METHOD.md step 1 without `s_text`): softmax slot weights over the kept patches, the fused token a softmax
+    over the dropped ones. The head with `text_guided_selection=False` (or a zero text query) must equal aligning
+    these with the caption's key tokens (`caption_independent_scores`).
+    """
+    cls, patches = head.split_image_tokens(image_tokens)  # (I, C) or None, (I, N, C)
+    self_scores = torch.einsum("inc,ic->in", F.normalize(patches, dim=-1), F.normalize(patches.mean(1), dim=-1))
+    kept_index = self_scores.topk(head.num_kept_patches, dim=-1).indices  # (I, K)
+    keep = torch.zeros_like(self_scores).scatter_(-1, kept_index, 1.0).bool()  # (I, N)
+    slot_weights = head.patch_aggregator(patches).masked_fill(~keep[..., None], -math.inf).softmax(dim=1)  # (I, N, M)
+    slots = torch.einsum("inm,inc->imc", slot_weights, patches)  # (I, M, C)
+    fused = torch.einsum("in,inc->ic", self_scores.masked_fill(keep, -math.inf).softmax(-1), patches)  # (I, C)
+    keys = [slots, fused[:, None]]
+    if cls is not None:
+        keys.insert(0, cls[:, None])
+    return F.normalize(torch.cat(keys, dim=1), dim=-1)
+
+
+def caption_independent_scores(head, image_keys: torch.Tensor, text) -> torch.Tensor:
+    """Max-mean alignment of `caption_independent_keys` `(I, V, C)` with text key tokens (`TextKeyTokens` of `(T, J,
+    C)`) -> `(I, T)`."""
+    from modeling_scta import max_mean_alignment
+
+    similarities = torch.einsum("tjc,ivc->itjv", text.tokens.to(image_keys.dtype), image_keys)
+    return max_mean_alignment(similarities, text.mask, head.negative_slope)

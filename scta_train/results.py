@@ -41,6 +41,14 @@ def format_value(value) -> str:
     return f"{value:.1f}"
 
 
+# The rankings every evaluation reports (SCTATrainer.evaluate), compared in one table.
+RANKINGS = (
+    ("head only (the paper's protocol)", "head_only"),
+    ("first stage alone", "first_stage"),
+    ("fused: head + {weight} x first stage", "fused"),
+    ("two-stage ({k} head pairs)", "two_stage"),
+)
+
 # The extended COCO metrics (scta_train.coco_extended), when a run has them.
 EXTENDED_METRICS = (
     ("ECCV Caption mAP@R", "eccv_map_at_r"),
@@ -78,6 +86,15 @@ def render_run_results(metrics: dict, prefix: str, markdown: bool) -> str:
             parts.append(f"## Results: {prefix} split ({title})\n\n{table}\n\nrsum: {format_value(rsum)}")
         else:
             parts.append(f"{prefix} ({title})\n{table}\nrsum {format_value(rsum)}")
+    rankings = [
+        [title.format(weight=metrics.get(f"{prefix}_fusion_weight"), k=metrics.get(f"{prefix}_two_stage_head_pairs"))]
+        + [format_value(metrics[f"{prefix}_{name}_{column}"]) for column in ("r1_i2t", "r1_t2i", "rsum")]
+        for title, name in RANKINGS
+        if f"{prefix}_{name}_r1_i2t" in metrics
+    ]
+    if rankings:
+        table = render_table(["ranking", "I2T R@1", "T2I R@1", "rsum"], rankings, markdown)
+        parts.append(f"### Rankings: {prefix} split\n\n{table}" if markdown else f"{prefix} rankings\n{table}")
     extended = [
         [title] + [format_value(metrics[f"{prefix}_{name}_{direction}"]) for direction in ("i2t", "t2i")]
         for title, name in EXTENDED_METRICS

@@ -15,14 +15,22 @@ from torch.utils.data import Subset
 from transformers import EvalPrediction, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 from transformers.training_args import OptimizerNames
+from transformers.utils import is_sagemaker_mp_enabled
 
-from modeling_scta import SCTALoss, SCTAModel, cosine_similarity_matrix
+from modeling_scta import SCTAModel
 from processing_scta import EVAL_MAX_CAPTION_TOKENS
 from scta_train.distributed import shard_bounds
+from scta_train.loss import SCTALoss, first_stage_loss
 from scta_train.metrics import compute_retrieval_metrics, retrieval_eval_loss
 from scta_train.model_card import write_model_card
 from scta_train.processing import RetrievalEvalCaptions, RetrievalEvalImages
-from scta_train.retrieval import encode_caption_corpus, encode_image_corpus, two_stage_rank
+from scta_train.retrieval import (
+    NON_CANDIDATE_OFFSET,
+    choose_fusion_weight_on,
+    encode_caption_corpus,
+    encode_image_corpus,
+    two_stage_rank,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -30,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 # Training stops when this many steps in a row from the start had no negative pair (see _count_steps_without_negatives).
 NO_NEGATIVE_STEPS_TO_STOP = 10
+# A collapse: every score of the batch equal (to this relative spread) for this many steps in a row (_watch_collapse).
+COLLAPSE_SPREAD = 1e-4
+COLLAPSE_STEPS_TO_WARN = 20
 
 
 def warmup_step_decay(step: int, warmup_steps: int, decay_steps: list[int], decay_factor: float) -> float:
@@ -49,17 +60,24 @@ class SCTATrainer(Trainer):
         *args,
         eval_max_caption_tokens: int = EVAL_MAX_CAPTION_TOKENS,
         extra_metrics: dict | None = None,
+        choose_fusion_weight: bool = True,
         **kwargs,
     ):
         """`extra_metrics`: `{metric_key_prefix: fn(image_to_text, text_to_image or None, caption_to_image, split)
-        -> dict}`, more metrics for the evaluations of that prefix (e.g. the extended COCO metrics on "test")."""
+        -> dict}`, more metrics for the evaluations of that prefix (e.g. the extended COCO metrics on "test").
+        `choose_fusion_weight`: choose the fused score's weight on every evaluation of the dev split ("eval") and
+        store it in the model's config (False: keep `config.fusion_weight`)."""
         super().__init__(*args, **kwargs)
         self.eval_max_caption_tokens = eval_max_caption_tokens
         self.extra_metrics = extra_metrics or {}
         self.nonfinite_loss_steps = 0  # skipped steps, over the run
         self.consecutive_nonfinite_steps = 0
         self.steps_without_negatives = 0  # batches whose pairs all show one image
+        self.collapsed_steps = 0  # steps whose scores were all equal (a collapsed model), over the run
+        self.consecutive_collapsed_steps = 0
         self.loss_steps = 0
+        self.first_stage_losses: list[float] = []  # the adapter's losses since the last log
+        self.choose_fusion_weight = choose_fusion_weight
         self.retrieval_results: dict[str, dict] = {}  # metrics of every evaluated split, for the model card
 
     # -- optimisation ------------------------------------------------------------------------------------------
@@ -71,17 +89,24 @@ class SCTATrainer(Trainer):
         """
         if self.optimizer is None:
             model = model if model is not None else self.model
-            backbones, head = [], []
+            backbones, head, first_stage = [], [], []
             for name, parameter in model.named_parameters():
-                if parameter.requires_grad:
+                if not parameter.requires_grad:
+                    continue
+                if name.startswith("first_stage."):
+                    first_stage.append(parameter)
+                else:
                     (backbones if name.startswith(("vision_model.", "text_model.")) else head).append(parameter)
             learning_rate = self.args.learning_rate
-            # Weight decay on every parameter, as in the published recipe.
+            groups = [
+                {"params": backbones, "lr": learning_rate * self.args.backbone_lr_scale},
+                {"params": head, "lr": learning_rate},
+            ]
+            if first_stage:  # its own rate, no weight decay (an identity-initialised map and a temperature)
+                groups.append({"params": first_stage, "lr": self.args.first_stage_learning_rate, "weight_decay": 0.0})
+            # Weight decay on every other parameter, as in the published recipe.
             self.optimizer = torch.optim.AdamW(
-                [
-                    {"params": backbones, "lr": learning_rate * self.args.backbone_lr_scale},
-                    {"params": head, "lr": learning_rate},
-                ],
+                groups,
                 lr=learning_rate,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
@@ -122,6 +147,7 @@ class SCTATrainer(Trainer):
         image_ids = inputs.pop("image_ids")
         self._count_steps_without_negatives(image_ids)
         outputs = model(**inputs)  # through the DDP wrapper: the local tokens and the local block of scores
+        self._watch_collapse(outputs.logits_per_image)
         epoch = self.state.epoch or 0.0
         hardest_negative = epoch >= self.args.vse_mean_warmup_epochs
         unwrapped = self.accelerator.unwrap_model(model)
@@ -131,6 +157,16 @@ class SCTATrainer(Trainer):
             )
         if self.args.embedding_warmup_epochs is not None and int(epoch) == self.args.embedding_warmup_epochs:
             loss = loss * (epoch - int(epoch))  # step_in_epoch / steps_per_epoch
+        if unwrapped.first_stage is not None:
+            # The adapter learns beside the head from detached embeddings. Its loss joins the backward without
+            # changing the reported value (loss + x - x.detach()); its gradients reach the adapter only and are left
+            # out of gradient clipping (_clip_grad_norm), so the towers and the head train bit for bit as without it.
+            adapter_loss = first_stage_loss(
+                unwrapped.first_stage, outputs.image_global_embeds, outputs.text_global_embeds, image_ids
+            )
+            if torch.isfinite(adapter_loss.detach()):
+                self.first_stage_losses.append(float(adapter_loss.detach()))
+                loss = loss + (adapter_loss - adapter_loss.detach())
 
         if not self._loss_is_finite(loss):
             self.nonfinite_loss_steps += 1
@@ -179,16 +215,53 @@ class SCTATrainer(Trainer):
                 "several images: raise --per_device_train_batch_size, or use more images (--max_train_images)."
             )
 
+    def _watch_collapse(self, scores: torch.Tensor) -> None:
+        """
+        A model whose scores are all equal across the batch has collapsed: the hinge loss is then exactly
+        `2 x batch x margin` and its gradient carries no ranking signal. Such steps are counted (`collapsed_steps`
+        in the logs), and a warning says so after `COLLAPSE_STEPS_TO_WARN` in a row (once per episode).
+        """
+        scores = scores.detach().float()
+        spread = float(scores.max() - scores.min())
+        if spread > COLLAPSE_SPREAD * max(1.0, float(scores.abs().max())):
+            self.consecutive_collapsed_steps = 0
+            return
+        self.collapsed_steps += 1
+        self.consecutive_collapsed_steps += 1
+        if self.consecutive_collapsed_steps == COLLAPSE_STEPS_TO_WARN:
+            logger.warning(
+                "Step %d: every score of the batch has been equal (spread %.2g) for %d steps: the model has collapsed "
+                "(loss = 2 x batch x margin, no ranking signal). It may recover; if it does not, lower the learning "
+                "rate, lengthen --warmup_steps or --vse_mean_warmup_epochs, or resume from an earlier checkpoint.",
+                self.state.global_step,
+                spread,
+                self.consecutive_collapsed_steps,
+            )
+
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
         if self.args.world_size > 1:  # every process must skip the same steps
             finite = self.accelerator.gather(finite).min()
         return bool(finite)
 
+    def _clip_grad_norm(self, model):
+        """Clip by the global norm of every gradient but the first-stage adapter's: its gradients must not scale
+        the others' (the adapter trains beside the model without changing it)."""
+        adapter = self.accelerator.unwrap_model(model).first_stage
+        if adapter is None or is_sagemaker_mp_enabled() or self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        excluded = {id(parameter) for parameter in adapter.parameters()}
+        parameters = [parameter for parameter in model.parameters() if id(parameter) not in excluded]
+        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs["nonfinite_loss_steps"] = self.nonfinite_loss_steps
             logs["steps_without_negatives"] = self.steps_without_negatives
+            logs["collapsed_steps"] = self.collapsed_steps
+            if self.first_stage_losses:
+                logs["first_stage_loss"] = round(sum(self.first_stage_losses) / len(self.first_stage_losses), 4)
+                self.first_stage_losses = []
         super().log(logs, start_time)
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -197,9 +270,14 @@ class SCTATrainer(Trainer):
         """
         Recall@K of every image against every caption of a split (a `datasets.Dataset` with `image`, `image_id`,
         `captions`). Each image and each caption is encoded once; images are split across processes, every
-        process scores its images against all captions. With `--rerank_top_k K` the head scores only the top K
-        candidates of every query by the global embeddings' cosine (two-stage retrieval), and the metrics add the
-        first stage's candidate recall; `head_pairs` and `scoring_runtime` are reported either way.
+        process scores its images against all captions.
+
+        Every pair goes through the head (the paper's protocol, reported as `head_only_*`); the first stage's
+        scores (`first_stage_*`) and the fused score `head + fusion_weight * first stage` (`fused_*`) come from the
+        same pass. With `--rerank_top_k K` the first stage also proposes the top K candidates of every query and
+        the configured score (`--ranking`) re-scores those only (`two_stage_*`, with the candidate recall). The
+        unprefixed keys (`r1_i2t`, ..., `rsum`) are the configured ranking: `--ranking` at `--rerank_top_k`.
+        On the dev split ("eval") the fusion weight is chosen (`choose_fusion_weight`) before the rest is scored.
         """
         split = eval_dataset if eval_dataset is not None else self.eval_dataset
         if split is None:
@@ -216,40 +294,60 @@ class SCTATrainer(Trainer):
         if self.accelerator.mixed_precision != "no":
             logger.info("Evaluating under %s autocast, as in training.", self.accelerator.mixed_precision)
         with self.accelerator.autocast():
-            result = self.retrieval_scores(split)
-        image_to_text, text_to_image, caption_to_image = result.pop("scores")
-        predictions = image_to_text.numpy() if text_to_image is None else (image_to_text.numpy(), text_to_image.numpy())
+            result = self.retrieval_scores(split, choose_fusion_weight=metric_key_prefix == "eval")
+        rankings, caption_to_image = result.pop("rankings"), result.pop("caption_to_image")
         compute_metrics = self.compute_metrics or compute_retrieval_metrics
-        metrics = compute_metrics(EvalPrediction(predictions=predictions, label_ids=caption_to_image.numpy()))
+        metrics = {}
+        for name, (image_to_text, text_to_image) in rankings.items():
+            predictions = (
+                image_to_text.numpy() if text_to_image is None else (image_to_text.numpy(), text_to_image.numpy())
+            )
+            ranking_metrics = compute_metrics(
+                EvalPrediction(predictions=predictions, label_ids=caption_to_image.numpy())
+            )
+            metrics.update({f"{name}_{key}": value for key, value in ranking_metrics.items()})
+        headline = self.headline_ranking()
+        image_to_text, text_to_image = rankings[headline]
+        metrics.update(
+            {key[len(headline) + 1 :]: value for key, value in metrics.items() if key.startswith(headline + "_")}
+        )
         margin = self.accelerator.unwrap_model(self.model).config.margin
-        metrics["loss"] = retrieval_eval_loss(image_to_text, caption_to_image, margin, text_to_image)
+        metrics["loss"] = retrieval_eval_loss(rankings["head_only"][0], caption_to_image, margin)  # the objective's
         if metric_key_prefix in self.extra_metrics:
             metrics.update(self.extra_metrics[metric_key_prefix](image_to_text, text_to_image, caption_to_image, split))
         metrics.update(result)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
-        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=image_to_text.shape[0]))
+        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=rankings["head_only"][0].shape[0]))
         self.retrieval_results[metric_key_prefix] = metrics
         self.log(dict(metrics))  # log() adds the epoch to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
 
+    def headline_ranking(self) -> str:
+        """Which ranking the unprefixed metrics report: `--ranking` (head or fused), two-stage with `--rerank_top_k`."""
+        if self.args.rerank_top_k:
+            return "two_stage"
+        return "fused" if self.args.ranking == "fused" else "head_only"
+
     @torch.no_grad()
-    def retrieval_scores(self, split) -> dict:
+    def retrieval_scores(self, split, choose_fusion_weight: bool = False) -> dict:
         """
-        Scores of a split, on every process: `{"scores": (image_to_text, text_to_image or None, caption_to_image),
-        "head_pairs": ..., "scoring_runtime": ..., and after two-stage "candidate_recall_i2t"/"_t2i"}`, with
-        `(n_img, n_cap)` score matrices (one for both directions when exhaustive) and `(n_cap,)` caption -> image row.
+        Scores of a split, on every process: `{"rankings": {name: (image_to_text, text_to_image or None)},
+        "caption_to_image": ..., "fusion_weight": ..., "head_pairs": ..., "scoring_runtime": ..., and with
+        --rerank_top_k the two-stage statistics}`, with `(n_img, n_cap)` ranking matrices (one for both
+        directions when exhaustive) and `(n_cap,)` caption -> image row. `choose_fusion_weight`: choose the fusion
+        weight on these scores first (the dev split), when the Trainer was asked to.
         """
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         try:
-            return self._score_split(model, split)
+            return self._score_split(model, split, choose_fusion_weight and self.choose_fusion_weight)
         finally:
             model.train(was_training)  # also when scoring fails: the caller's model keeps its mode
 
-    def _score_split(self, model, split) -> dict:
+    def _score_split(self, model, split, choose_fusion_weight: bool) -> dict:
         device = self.args.device
         processor = self.processing_class
         show = self.is_local_process_zero() and not self.args.disable_tqdm
@@ -266,28 +364,45 @@ class SCTATrainer(Trainer):
         caption_keys, caption_global = encode_caption_corpus(
             model, captions, batch_size, device, processor.tokenizer.pad_token_id, show
         )  # every caption
-
-        start = time.perf_counter()
-        num_images, num_captions = len(images), len(captions)
         top_k = self.args.rerank_top_k
         if top_k and not model.head.reranks:
             raise ValueError(
                 f"--rerank_top_k {top_k} re-scores candidates with the key-token head, but this model scores pairs by "
                 "its global embeddings alone (scoring_head='global'): evaluate it with --rerank_top_k 0."
             )
-        if top_k == 0:  # exhaustive: every pair through the head
-            local_scores = model.score(image_tokens, caption_keys, *chunks, progress=show).float().cpu()
-            image_to_text = self._gather_rows(local_scores, [len(shard) for shard in shards])
-            return {
-                "scores": (image_to_text, None, captions.caption_to_image),
-                "head_pairs": num_images * num_captions,
-                "scoring_runtime": round(time.perf_counter() - start, 4),
-            }
 
-        # Two-stage: the global cosine proposes the top-k of every query, the head re-scores those pairs only.
+        # Every pair through the head (the paper's protocol), and the first stage's scores of every pair.
+        start = time.perf_counter()
+        local_scores = model.score(image_tokens, caption_keys, *chunks, progress=show).float().cpu()
+        head = self._gather_rows(local_scores, [len(shard) for shard in shards])
+        result = {"head_pairs": len(images) * len(captions), "scoring_runtime": round(time.perf_counter() - start, 4)}
         all_image_global = torch.cat(self._gather_parts(image_global, [len(shard) for shard in shards]))
-        global_scores = cosine_similarity_matrix(all_image_global, caption_global).float().cpu()  # (n_img, n_cap)
-        shard = shards[rank]
+        first_stage = model.first_stage_similarity(all_image_global, caption_global).float().cpu()  # (n_img, n_cap)
+        if choose_fusion_weight:
+            model.config.fusion_weight = choose_fusion_weight_on(head, first_stage, captions.caption_to_image)
+            logger.info("Fusion weight chosen on this split: %s", model.config.fusion_weight)
+        fusion_weight = model.config.fusion_weight or 0.0
+        result["fusion_weight"] = fusion_weight
+        rankings = {
+            "head_only": (head, None),
+            "first_stage": (first_stage, None),
+            "fused": (head + fusion_weight * first_stage, None),
+        }
+        if top_k:
+            ranked_weight = fusion_weight if self.args.ranking == "fused" else 0.0
+            image_to_text, text_to_image, stats = self._two_stage(
+                model, image_tokens, caption_keys, first_stage, captions.caption_to_image, shards, ranked_weight
+            )
+            rankings["two_stage"] = (image_to_text, text_to_image)
+            result.update({f"two_stage_{name}": value for name, value in stats.items()})
+        return {"rankings": rankings, "caption_to_image": captions.caption_to_image, **result}
+
+    def _two_stage(self, model, image_tokens, caption_keys, first_stage, caption_to_image, shards, fusion_weight):
+        """The first stage proposes `--rerank_top_k` candidates per query; the head (+ `fusion_weight` x the first
+        stage) scores them. Returns both rankings and the statistics."""
+        show = self.is_local_process_zero() and not self.args.disable_tqdm
+        chunks = (self.args.eval_image_chunk_size, self.args.eval_text_chunk_size)
+        shard, world_size, device = shards[self.args.process_index], self.args.world_size, self.args.device
 
         def on_this_process(score):
             """A pair scorer over this process's images; every process gets every pair's score."""
@@ -302,23 +417,21 @@ class SCTATrainer(Trainer):
 
             return score_pairs
 
-        score_middle = None
-        if self.args.middle_stage_top_n:
-            image_keys = model.caption_independent_image_keys(image_tokens)
-            score_middle = on_this_process(
-                lambda i, c: model.caption_independent_scores(image_keys, caption_keys, i, c)
-            )
         score_exact = on_this_process(
-            lambda i, c: model.score_candidates(image_tokens, caption_keys, i, c, *chunks, progress=show)
+            lambda i, c: model.score_candidates(
+                image_tokens, caption_keys, i, c, *chunks, progress=show, fusion_weight=fusion_weight
+            )
         )
+        start = time.perf_counter()
         image_to_text, text_to_image, stats = two_stage_rank(
-            global_scores, captions.caption_to_image, top_k, score_exact, self.args.middle_stage_top_n, score_middle
+            first_stage.clone(),
+            caption_to_image,
+            self.args.rerank_top_k,
+            score_exact,
+            non_candidate_offset=NON_CANDIDATE_OFFSET + fusion_weight,
         )
-        return {
-            "scores": (image_to_text, text_to_image, captions.caption_to_image),
-            "scoring_runtime": round(time.perf_counter() - start, 4),
-            **stats,
-        }
+        stats["scoring_runtime"] = round(time.perf_counter() - start, 4)
+        return image_to_text, text_to_image, stats
 
     def _gather_parts(self, local: torch.Tensor, rows_per_process: list[int]) -> list[torch.Tensor]:
         """Every process's `local` rows (sizes may differ), on every process."""

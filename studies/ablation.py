@@ -53,6 +53,11 @@ STUDY_SETTINGS = {
     # 0.35 epoch (437 steps), then the hardest; the learning-rate decay moved forward to 0.5 epoch (625 steps).
     # (A 500-step run with the same proportions on 8,000 images collapsed: every method sat at chance.)
     "synthetic_train_images": 16000,
+    # the study compares pair scorers: ranked by the head alone over every pair (the paper's protocol), without
+    # the first-stage adapter's fit at the end (it never changes the head)
+    "ranking": "head",
+    "rerank_top_k": 0,
+    "first_stage_epochs": 0,
     "max_steps": 800,
     "lr_decay_epochs": [0.5],
     "eval_strategy": "no",

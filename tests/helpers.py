@@ -247,6 +247,20 @@ def requires_karpathy_data(*files: str):
     return lambda test: pytest.mark.karpathy_data(skip(test))
 
 
+# Checkouts of the published SCTA and LAPS code (no license: never copied here) for the cross-check: the test that
+# runs `bench/crosscheck_published.py` needs SCTA_PUBLISHED_SCTA and SCTA_PUBLISHED_LAPS, and is skipped otherwise.
+PUBLISHED_CODE = {name: os.environ.get(f"SCTA_PUBLISHED_{name}") for name in ("SCTA", "LAPS")}
+
+
+def requires_published_code(test):
+    missing = [f"SCTA_PUBLISHED_{name}" for name, folder in PUBLISHED_CODE.items() if not folder]
+    reason = (
+        f"needs checkouts of the published code ({', '.join(missing)} not set): git clone "
+        "https://github.com/ICME2025ITR/SCTA and https://github.com/CrossmodalGroup/LAPS and name their folders"
+    )
+    return pytest.mark.published_code(pytest.mark.skipif(bool(missing), reason=reason)(test))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny saved model and a folder of photos, for the search tool's tests
 

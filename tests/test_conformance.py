@@ -22,8 +22,9 @@ from helpers import (
     tiny_vit_config,
     write_config,
 )
-from modeling_scta import KeyTokenAlignmentHead, SCTALoss, SCTAModel, scta_with_global_loss
+from modeling_scta import KeyTokenAlignmentHead, SCTAModel, scta_with_global_loss
 from processing_scta import SCTAProcessor
+from scta_train.loss import SCTALoss
 from scta_train.processing import train_wordpiece_tokenizer
 from scta_train.testing import TINY_TEXT, TINY_VISION
 

@@ -200,13 +200,34 @@ def test_empty_caption_is_an_error_naming_its_index(processor, bad_caption):
 
 
 def test_long_captions_are_truncated_with_a_count(processor, tokenizer, caplog):
-    long_caption = " ".join(["dog"] * 600)  # 602 tokens with [CLS] and [SEP]
+    long_caption = " ".join(["dog"] * 600)  # 1,802 tokens with [CLS] and [SEP] (d ##o ##g)
     with caplog.at_level(logging.WARNING):
         batch = processor(text=[long_caption, "a dog", long_caption], return_tensors="pt")
     assert batch["input_ids"].shape == (3, 90)
     assert batch["input_ids"][0, -1].item() == tokenizer.sep_token_id
     assert "2 of 3 captions longer than 90 tokens were truncated" in caplog.text
     assert processor(text=long_caption, max_length=512, return_tensors="pt")["input_ids"].shape == (1, 512)
+
+
+def test_captions_are_tokenized_once_unless_they_reach_the_limit(processor, monkeypatch, caplog):
+    """The checks read the tokenization itself; only a caption of exactly max_length tokens (cut or not?) is
+    tokenized again, without truncation, to tell: one that fits exactly is not counted as truncated."""
+    calls = []
+    tokenizer_type = type(processor.tokenizer)
+    original = tokenizer_type.__call__
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(list(text))
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_type, "__call__", counting)
+    processor(text=["a dog", "a red circle"], return_tensors="pt")
+    assert len(calls) == 1
+    calls.clear()
+    exact = " ".join(["a"] * 88)  # 88 one-token words + [CLS] + [SEP] = 90 tokens: fits exactly
+    with caplog.at_level(logging.WARNING):
+        processor(text=["a dog", exact], return_tensors="pt")
+    assert calls == [["a dog", exact], [exact]] and "truncated" not in caplog.text
 
 
 def test_non_ascii_captions(processor, tokenizer):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import modeling_scta
+import scta_train.loss
 from helpers import REPO, run_main, tiny_run_config, write_config
 from modeling_scta import scta_with_global_loss
 from scta_train.arguments import parse_arguments
@@ -128,7 +128,7 @@ def poisoned_loss(monkeypatch):
             loss, global_loss = original(*args, **kwargs)
             return (loss * float("nan") if len(calls) in poisoned_calls else loss), global_loss
 
-        monkeypatch.setattr(modeling_scta, "scta_with_global_loss", poisoned)
+        monkeypatch.setattr(scta_train.loss, "scta_with_global_loss", poisoned)
 
     return install
 
@@ -235,3 +235,22 @@ def test_a_broken_training_image_is_skipped_and_counted_on_request(tmp_path, dat
     skipped = [record for record in caplog.records if "Skipping pair" in record.getMessage()]
     assert len(skipped) == 5  # the image's 5 pairs, once each in the epoch
     assert "5 pairs skipped so far" in skipped[-1].getMessage()
+
+
+def test_a_collapse_is_counted_and_reported_once_per_episode(caplog):
+    """Scores equal across the batch (a collapsed model: the loss sits at 2 x batch x margin) are counted every step
+    and reported once after COLLAPSE_STEPS_TO_WARN in a row; a step with spread scores ends the episode."""
+    import types
+
+    from scta_train.trainer import COLLAPSE_STEPS_TO_WARN
+
+    trainer = SCTATrainer.__new__(SCTATrainer)  # only the collapse watch's state
+    trainer.collapsed_steps = trainer.consecutive_collapsed_steps = 0
+    trainer.state = types.SimpleNamespace(global_step=512)
+    with caplog.at_level("WARNING"):
+        for _ in range(COLLAPSE_STEPS_TO_WARN + 5):
+            trainer._watch_collapse(torch.full((64, 64), 0.37) + 1e-7 * torch.rand(64, 64))
+    assert trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5
+    assert caplog.text.count("has collapsed") == 1 and "Step 512" in caplog.text
+    trainer._watch_collapse(torch.rand(64, 64))  # a normal step: the episode ends
+    assert trainer.consecutive_collapsed_steps == 0 and trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5

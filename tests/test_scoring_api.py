@@ -7,6 +7,7 @@ import torch
 
 from helpers import CAPTION_LENGTHS, SCTAModelTester, make_head, random_text_batch, random_tokens, tiny_scta_config
 from modeling_scta import CaptionKeyTokens, SCTAModel, cosine_similarity_matrix, scta_loss
+from scta_train.reference import caption_independent_keys, caption_independent_scores
 
 
 def encoded_corpus(head, num_images=7, lengths=CAPTION_LENGTHS, dtype=torch.float32):
@@ -29,6 +30,29 @@ def test_score_and_candidates_equal_the_full_matrix(word_aggregation, vision_has
         for chunks in [(1, 1), (2, 2), (16, 128)]:
             pairs = head.score_pairs(image_tokens, captions, image_index, caption_index, *chunks)
             torch.testing.assert_close(pairs, full[image_index, caption_index], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("vision_has_cls_token", [True, False])
+def test_slot_norms_with_and_without_the_per_image_basis_agree(vision_has_cls_token, monkeypatch):
+    """Few captions per image: slot norms from the slot vectors; many: from the orthonormal basis (a QR per image).
+    Both give the same scores, and candidate scoring takes each path by the captions per image of its block."""
+    import modeling_scta
+
+    head = make_head(vision_has_cls_token, True, dtype=torch.float32)
+    image_tokens, text_tokens, text_mask, captions = encoded_corpus(head)
+    text = captions.select(torch.arange(len(captions)))
+    with torch.no_grad():
+        with_basis = head.block_scores(head.image_key_state(image_tokens, with_basis=True), text)
+        direct = head.block_scores(head.image_key_state(image_tokens, with_basis=False), text)
+        torch.testing.assert_close(direct, with_basis, atol=1e-5, rtol=0)
+        full = head(image_tokens, text_tokens, text_mask)
+        image_index = torch.arange(7).repeat_interleave(len(captions))
+        caption_index = torch.arange(len(captions)).repeat(7)
+        for threshold in (0, 10_000):  # every block through the basis, then none
+            monkeypatch.setattr(modeling_scta, "DIRECT_SLOT_NORM_CAPTIONS", threshold)
+            pairs = head.score_pairs(image_tokens, captions, image_index, caption_index)
+            torch.testing.assert_close(pairs, full[image_index, caption_index], atol=1e-5, rtol=0)
+    assert direct.shape == (7, len(captions))
 
 
 def test_model_score_candidates_broadcasts_query_by_k_layouts():
@@ -172,20 +196,18 @@ def test_similarity_with_no_images_or_no_captions_is_empty():
 
 
 @pytest.mark.parametrize("vision_has_cls_token", [True, False])
-def test_caption_independent_keys_equal_the_head_with_a_zero_text_query(vision_has_cls_token):
+def test_the_head_with_a_zero_text_query_equals_caption_independent_keys(vision_has_cls_token):
+    """Without `s_text` the selection depends on the image alone: the head then equals aligning key tokens built
+    once per image (the oracle of scta_train.reference)."""
     head = make_head(vision_has_cls_token)
     image_tokens, text_tokens, text_mask, captions = encoded_corpus(head, num_images=4, dtype=torch.float64)
     with torch.no_grad():
         all_captions = captions.select(torch.arange(len(captions)))
         blind = type(all_captions)(all_captions.tokens, all_captions.mask, torch.zeros_like(all_captions.query))
-        expected = head.block_scores(head.image_key_state(image_tokens), blind)  # s_text = 0: selection by s_self
-        keys = head.independent_image_keys(image_tokens)
+        scores = head.block_scores(head.image_key_state(image_tokens), blind)  # s_text = 0: selection by s_self
+        keys = caption_independent_keys(head, image_tokens)
         assert keys.shape == (4, head.num_patch_slots + 1 + int(vision_has_cls_token), 32)
-        torch.testing.assert_close(head.independent_scores(keys, all_captions), expected, atol=1e-10, rtol=0)
-        image_index, caption_index = torch.tensor([0, 3, 3, 1]), torch.tensor([5, 0, 10, 2])
-        for chunks in [(1, 1), (2, 3), (64, 256)]:
-            paired = head.independent_pair_scores(keys, captions, image_index, caption_index, *chunks)
-            torch.testing.assert_close(paired, expected[image_index, caption_index], atol=1e-10, rtol=0)
+        torch.testing.assert_close(caption_independent_scores(head, keys, all_captions), scores, atol=1e-10, rtol=0)
 
 
 def test_caption_subsets_keep_their_key_tokens():

@@ -90,6 +90,33 @@ def test_text_search_is_the_heads_ranking_and_two_stage_agrees_when_k_covers_the
             gallery.search_text(query, **bad)
 
 
+def test_text_search_ranks_by_the_fused_score_and_its_first_stage_is_the_adapter(setup):
+    """With an adapter and a fusion weight, a result's score is `head + weight x adapter cosine` (the model's own
+    fused `score_candidates`) and the candidates are the adapter's top k, not the raw cosine's."""
+    tmp_path, model, processor = setup
+    with torch.no_grad():
+        model.first_stage.image_map.weight.copy_(torch.randn(24, 24))  # an adapter far from the identity
+    model.config.fusion_weight = 2.0
+    gallery = build(tmp_path, model, processor)
+    query = "a red square at the top"
+    results = gallery.search_text(query, k=10, rerank_top_k=0)
+    images = [read_image_file(r.path).image for r in results]
+    inputs = processor(images=images, text=[query], return_tensors="pt")
+    with torch.no_grad():
+        image_tokens = model.get_image_features(inputs["pixel_values"]).last_hidden_state
+        text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+        captions = model.caption_key_tokens(text.last_hidden_state, inputs["attention_mask"])
+        expected = model.score(image_tokens, captions, fusion_weight=2.0)[:, 0]
+        head_only = model.score(image_tokens, captions)[:, 0]
+    torch.testing.assert_close(torch.tensor([r.score for r in results]), expected, atol=5e-3, rtol=0)
+    assert not torch.allclose(expected, head_only, atol=0.1)
+    with torch.no_grad():
+        image_global = model.get_image_features(inputs["pixel_values"]).pooler_output
+        adapter_top = model.first_stage_similarity(image_global, text.pooler_output)[:, 0].topk(3).indices.tolist()
+    candidates = gallery.first_stage(gallery.encode_query(query)[1], 3)
+    assert sorted(gallery.paths[row] for row in candidates) == sorted(results[i].path for i in adapter_top)
+
+
 def test_ranking_captions_for_one_image(setup):
     tmp_path, model, processor = setup
     gallery = build(tmp_path, model, processor)

@@ -301,3 +301,22 @@ def test_aggregation_refuses_unseeded_runs_mixed_settings_repeated_labels_and_br
     with pytest.raises(SystemExit):
         aggregate.main(["--group", "a", str(seed_runs[0]), "--group", "a", str(seed_runs[1])])
     assert "--group a is given twice" in capsys.readouterr().err
+
+
+def test_the_laps_gap_study_classifies_every_caption_token():
+    """studies/laps_gap.py splits a caption into special tokens, the words that describe objects (colour, shape,
+    size, position) and everything else (fillers, joiners), a word piece with its whole word."""
+    spec = importlib.util.spec_from_file_location("laps_gap", os.path.join(REPO, "studies", "laps_gap.py"))
+    laps_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(laps_gap)
+    captions = ["in this picture we can see a small red circle in the top left corner, which looks quite nice"]
+    tokenizer = train_wordpiece_tokenizer(captions + ["a big triangle"], vocab_size=120)
+    ids = tokenizer(captions[0])["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    classes = laps_gap.token_classes(tokenizer, ids)
+    assert classes[0] == classes[-1] == "special"
+    words = {}
+    for token, kind in zip(tokens[1:-1], classes[1:-1]):
+        words.setdefault(kind, []).append(token)
+    assert "".join(words["content"]).replace("##", "") == "smallredcircletopleftcorner"
+    assert {"in", "this", "we", ",", "which"} <= {t for t in words["filler"]}
