@@ -251,12 +251,8 @@ def trained_model_recall(cross_net, args) -> list[dict]:
     processor = SCTAProcessor.from_pretrained(args.model)
     head, config = model.head, model.config
 
-    class _OneProcess:
-        def main_process_first(self, desc=""):
-            return contextlib.nullcontext()
-
     data_args = DataArguments(dataset_name="synthetic_shapes", synthetic_train_images=args.synthetic_train_images)
-    split = load_retrieval_dataset(data_args, _OneProcess())["test"]
+    split = load_retrieval_dataset(data_args)["test"]
     images = RetrievalEvalImages(split, processor.image_processor)
     captions_view = RetrievalEvalCaptions(split, processor.tokenizer)
     caption_to_image = captions_view.caption_to_image

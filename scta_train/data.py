@@ -7,6 +7,7 @@ Loading retrieval datasets into the schema every view reads (`dataset_scripts.FE
 (the rows of one image are then grouped); any number of captions per image.
 """
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -22,8 +23,11 @@ from scta_train.arguments import SYNTHETIC_DATASET_NAME, DataArguments
 logger = logging.getLogger(__name__)
 
 
-def load_retrieval_dataset(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
-    """The run's splits in the retrieval schema; the synthetic set is generated once into the cache, atomically."""
+def load_retrieval_dataset(
+    data_args: DataArguments, training_args: TrainingArguments | None = None
+) -> datasets.DatasetDict:
+    """The run's splits in the retrieval schema; the synthetic set is generated once into the cache, atomically (by
+    the main process first when `training_args` is given; `None`: a single process, as in benchmarks and studies)."""
     if data_args.dataset_name is not None and data_args.dataset_name != SYNTHETIC_DATASET_NAME:
         dataset = _limit(to_retrieval_schema(load_source(data_args), data_args), data_args)
     elif data_args.train_file or data_args.validation_file or data_args.test_file:
@@ -45,7 +49,12 @@ def load_retrieval_dataset(data_args: DataArguments, training_args: TrainingArgu
         if data_args.synthetic_caption_redundancy != "default":
             name += f"-{data_args.synthetic_caption_redundancy}-redundancy"
         path = os.path.join(data_args.cache_dir, name)
-        with training_args.main_process_first(desc="generating the synthetic set"):
+        first = (
+            contextlib.nullcontext()
+            if training_args is None
+            else training_args.main_process_first(desc="generating the synthetic set")
+        )
+        with first:
             if not os.path.isdir(path):
                 logger.info("Generating the synthetic set into %s (once; later runs reuse it)", path)
                 temporary = f"{path}.partial-{os.getpid()}"

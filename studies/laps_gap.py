@@ -17,7 +17,6 @@ this study measures what the data does to it.
 """
 
 import argparse
-import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -45,11 +44,6 @@ CONTENT_WORDS = (
     | {word for phrases in POSITION_PHRASES.values() for phrase in phrases for word in phrase.split()}
     - {"in", "the", "at", "on", "of"}
 )
-
-
-class _OneProcess:
-    def main_process_first(self, desc=""):
-        return contextlib.nullcontext()
 
 
 def token_classes(tokenizer, input_ids: list[int]) -> list[str]:
@@ -142,7 +136,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data_args = DataArguments(dataset_name="synthetic_shapes", synthetic_train_images=args.synthetic_train_images)
-    split = load_retrieval_dataset(data_args, _OneProcess())["test"]
+    split = load_retrieval_dataset(data_args)["test"]
     results = [analyse(path, split, args.batch_size) for path in (args.scta, args.laps)]
     for result in results:
         logger.info(json.dumps(result, indent=2))
