@@ -80,6 +80,8 @@ GLOBAL_POOLINGS = ("mean", "cls")
 SCORING_HEADS = ("key_tokens", "global")
 # The first retrieval stage's map over the global embeddings: none (their plain cosine), linear, or a residual MLP.
 FIRST_STAGE_ADAPTERS = ("none", "linear", "mlp")
+# The objective over the batch's score matrix: the paper's hinge, or symmetric InfoNCE with a learned temperature.
+TRAINING_LOSSES = ("hinge", "infonce")
 
 
 @strict
@@ -114,6 +116,13 @@ class SCTAConfig(PreTrainedConfig):
             Negative slope of the leaky ReLU applied to token-to-token cosine similarities.
         margin (`float`, *optional*, defaults to 0.2):
             Margin of the hinge (triplet) ranking loss.
+        training_loss (`str`, *optional*, defaults to `"hinge"`):
+            The contrastive objective over the batch's score matrix: `"hinge"`, the paper's triplet ranking loss
+            (summed negatives during warm-up, then the hardest), or `"infonce"`, symmetric InfoNCE over the same
+            scores with a learned temperature, as CLIP trains its dual encoder (the model then holds
+            `logit_scale`). Not part of the paper: an option, see docs/METHOD.md "Training objective".
+        logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
+            Initial `logit_scale = log(1 / temperature)` of `training_loss="infonce"`; CLIP's value, `log(1 / 0.07)`.
         global_pooling (`str`, *optional*, defaults to `"mean"`):
             How the one-vector global embeddings of the first retrieval stage are pooled from the projected
             tokens: `"mean"` (image: the mean of the patch tokens; caption: the mean of its real tokens, the two
@@ -169,6 +178,8 @@ class SCTAConfig(PreTrainedConfig):
     word_aggregation: bool = True
     alignment_negative_slope: float | int = 0.1
     margin: float | int = 0.2
+    training_loss: str = "hinge"
+    logit_scale_init_value: float | int = 2.6592
     global_pooling: str = "mean"
     global_loss_weight: float | int = 0.0
     scoring_head: str = "key_tokens"
@@ -265,6 +276,8 @@ class SCTAConfig(PreTrainedConfig):
         check("alignment_negative_slope", self.alignment_negative_slope, 0, 1, False, False)
         check("margin", self.margin, 0, math.inf, False, True)
         check("global_loss_weight", self.global_loss_weight, 0, math.inf, False, True)
+        if self.training_loss not in TRAINING_LOSSES:
+            raise ValueError(f"training_loss={self.training_loss!r} is not one of {', '.join(TRAINING_LOSSES)}.")
         if self.global_pooling not in GLOBAL_POOLINGS:
             raise ValueError(f"global_pooling={self.global_pooling!r} is not one of {', '.join(GLOBAL_POOLINGS)}.")
         if self.scoring_head not in SCORING_HEADS:
@@ -312,6 +325,7 @@ SHAPE_SETTINGS = (
     "aggregator_hidden_ratio",
     "word_aggregation",
     "first_stage_adapter",
+    "training_loss",  # "infonce" adds the weight logit_scale
 )
 
 

@@ -11,6 +11,7 @@ tested against. Two-stage retrieval over these pieces: docs/RETRIEVAL.md and `sc
 import inspect
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -884,11 +885,42 @@ def hinge_loss_one_direction(
     return cost.max(dim=1).values.sum() if hardest_negative else cost.sum()
 
 
+# CLIP clamps its logit scale at log(100): a temperature below 0.01 makes the softmax a hard max.
+LOGIT_SCALE_MAX = 4.6052
+
+
+def infonce_loss_one_direction(
+    scores: torch.Tensor,
+    positive_scores: torch.Tensor,
+    positive_mask: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """
+    InfoNCE of queries (rows) against candidates (columns), the `training_loss="infonce"` counterpart of
+    `hinge_loss_one_direction`: per query, the cross-entropy of its own positive against every negative, at the
+    temperature `exp(-logit_scale)` (clamped as CLIP's). Other positives of the query (`positive_mask`, e.g. the
+    other captions of its image) are left out of its softmax instead of counting as negatives.
+
+    Args:
+        scores: `(Q, D)` score of every query against every candidate.
+        positive_scores: `(Q,)` score of each query with its own positive.
+        positive_mask: `(Q, D)` bool, True where the candidate is a positive of the query (its own included).
+        logit_scale: `()` log of the inverse temperature.
+    Returns:
+        `()` loss summed over queries (divide by the number of queries for the mean).
+    """
+    scale = logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+    negatives = (scale * scores).masked_fill(positive_mask, float("-inf"))
+    logits = torch.cat([(scale * positive_scores)[:, None], negatives], dim=1)  # column 0: the positive
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).sum()
+
+
 def scta_loss(
     logits_per_image: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     margin: float = 0.2,
     hardest_negative: bool = True,
+    logit_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     SCTA's training objective on a batch of B (image, caption) pairs (docs/METHOD.md "Training objective").
@@ -899,8 +931,11 @@ def scta_loss(
             count as negatives. Default: every pair has its own image.
         margin: hinge margin (0.2).
         hardest_negative: hardest negative only (after the warm-up epochs) or sum over all negatives.
+        logit_scale: `()` the learned log inverse temperature of `training_loss="infonce"`: then the loss is
+            symmetric InfoNCE, the mean over pairs of both directions' cross-entropy (CLIP's), and `margin` and
+            `hardest_negative` are not used. `None`: the hinge.
     Returns:
-        `()` image-to-text plus text-to-image loss.
+        `()` image-to-text plus text-to-image loss (hinge: summed over pairs), or their mean (InfoNCE).
     """
     batch = logits_per_image.shape[0]
     if logits_per_image.dim() != 2 or logits_per_image.shape[1] != batch:
@@ -913,6 +948,10 @@ def scta_loss(
         raise ValueError(f"image_ids must have shape ({batch},) to match the scores, got {tuple(image_ids.shape)}.")
     positive_mask = image_ids[:, None] == image_ids[None, :]
     positives = logits_per_image.diagonal()
+    if logit_scale is not None:
+        image_to_text = infonce_loss_one_direction(logits_per_image, positives, positive_mask, logit_scale)
+        text_to_image = infonce_loss_one_direction(logits_per_image.t(), positives, positive_mask, logit_scale)
+        return (image_to_text + text_to_image) / (2 * batch)
     image_to_text = hinge_loss_one_direction(logits_per_image, positives, positive_mask, margin, hardest_negative)
     text_to_image = hinge_loss_one_direction(logits_per_image.t(), positives, positive_mask, margin, hardest_negative)
     return image_to_text + text_to_image
@@ -925,16 +964,17 @@ def scta_with_global_loss(
     margin: float,
     hardest_negative: bool,
     global_loss_weight: float,
+    logit_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     The training loss of one process's batch: `scta_loss` on the head's scores plus, when `global_loss_weight > 0`,
     the same hinge on the cosine matrix of the global embeddings times that weight (an auxiliary objective that
     trains the first retrieval stage; docs/RETRIEVAL.md). Returns `(total, global term or None)`.
     """
-    loss = scta_loss(logits_per_image, image_ids, margin, hardest_negative)
+    loss = scta_loss(logits_per_image, image_ids, margin, hardest_negative, logit_scale)
     if not global_loss_weight:
         return loss, None
-    global_loss = scta_loss(global_logits_per_image, image_ids, margin, hardest_negative)
+    global_loss = scta_loss(global_logits_per_image, image_ids, margin, hardest_negative, logit_scale)
     return loss + global_loss_weight * global_loss, global_loss
 
 
@@ -1033,6 +1073,8 @@ class SCTAPreTrainedModel(PreTrainedModel):
                 if isinstance(projection, nn.Linear):
                     init.xavier_uniform_(projection.weight)
                     init.zeros_(projection.bias)
+            if module.logit_scale is not None:
+                init.constant_(module.logit_scale, module.config.logit_scale_init_value)
 
 
 def _check_tensor(name: str, value) -> None:
@@ -1146,6 +1188,8 @@ class SCTAModel(SCTAPreTrainedModel):
         self.first_stage = (
             FirstStageAdapter(embed_size, config.first_stage_adapter) if config.first_stage_adapter != "none" else None
         )
+        # log(1 / temperature) of the InfoNCE objective (CLIPModel's logit_scale); the hinge has no such weight
+        self.logit_scale = nn.Parameter(torch.empty(())) if config.training_loss == "infonce" else None
         if not isinstance(self.head, KeyTokenAlignmentHead):
             # checkpoints of earlier releases stored the key-token head of global-only models, never used
             self._keys_to_ignore_on_load_unexpected = [r"^head\."]
@@ -1177,6 +1221,26 @@ class SCTAModel(SCTAPreTrainedModel):
             hidden_states=tower.hidden_states,
             attentions=tower.attentions,
         )
+
+    def encode_image_batches(
+        self, pixel_batches: Iterable[torch.Tensor], keep_tokens: bool = True
+    ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+        """
+        The image side of a corpus, one batch at a time: for every `(b, 3, H, W)` batch of `pixel_batches`, its
+        `(b, T_img, C)` projected tokens (None with `keep_tokens=False`, when only the first stage is needed) and
+        `(b, C)` global embeddings, on the model's device. The one loop behind evaluation (a DataLoader of a
+        dataset) and scta-search (decoded image files): without gradient, in eval mode, the caller's mode restored
+        when the iteration ends (or is abandoned).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            for pixel_values in pixel_batches:
+                with torch.no_grad():
+                    features = self.get_image_features(pixel_values.to(self.device))
+                yield (features.last_hidden_state if keep_tokens else None), features.pooler_output
+        finally:
+            self.train(was_training)
 
     @can_return_tuple
     def get_text_features(
@@ -1421,10 +1485,11 @@ class SCTAModel(SCTAPreTrainedModel):
                 `vision_model_output` / `text_model_output`.
             image_ids: `(B,)` image id of each (image, caption) pair; pairs sharing an image are not negatives
                 of each other in the loss.
-            return_loss: compute the hinge loss (plus `config.global_loss_weight` x the same loss on the global
-                embeddings); needs pairs (`B_img == B_txt`).
-            hardest_negative: loss over the hardest negative only (True) or summed over all negatives (the
-                recipe's first epoch).
+            return_loss: compute the loss of `config.training_loss` (`scta_loss`: the hinge, or InfoNCE with
+                `self.logit_scale`), plus `config.global_loss_weight` x the same loss on the global embeddings;
+                needs pairs (`B_img == B_txt`).
+            hardest_negative: hinge over the hardest negative only (True) or summed over all negatives (the
+                recipe's first epoch). Not used by InfoNCE.
         """
         if pixel_values is None or input_ids is None:
             raise ValueError("SCTAModel.forward needs both pixel_values and input_ids.")
@@ -1469,6 +1534,7 @@ class SCTAModel(SCTAPreTrainedModel):
                 self.config.margin,
                 hardest_negative,
                 self.config.global_loss_weight,
+                self.logit_scale,
             )
         return SCTAOutput(loss=loss, **fields)
 
@@ -1529,6 +1595,7 @@ __all__ = [
     "SCTAPreTrainedModel",
     "TokenAggregator",
     "FirstStageAdapter",
+    "infonce_loss_one_direction",
     "scta_loss",
     "scta_with_global_loss",
 ]

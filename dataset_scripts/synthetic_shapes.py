@@ -323,8 +323,11 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unknown shape {shape!r}; shapes are {SHAPES}.")
 
 
-def render_scene(scene: tuple[ShapeObject, ...], image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (image_size, image_size, 3): noisy grey background, then the objects."""
+def render_scene(
+    scene: tuple[ShapeObject, ...], image_size: int, rng: np.random.Generator, object_scale: float = 1.0
+) -> np.ndarray:
+    """uint8 (image_size, image_size, 3): noisy grey background, then the objects, `object_scale` x their usual
+    size (`RADIUS`; positions do not change)."""
     # Background: a grey level, a smooth 4×4 variation upsampled, and per-pixel noise.
     base = rng.uniform(40, 110)
     coarse = rng.uniform(-20, 20, size=(4, 4)).astype(np.float32)
@@ -339,7 +342,7 @@ def render_scene(scene: tuple[ShapeObject, ...], image_size: int, rng: np.random
         row, column = shape_object.cell
         centre_x = (column + 0.5) * cell_size + rng.uniform(-1, 1) * POSITION_JITTER * image_size
         centre_y = (row + 0.5) * cell_size + rng.uniform(-1, 1) * POSITION_JITTER * image_size
-        radius = RADIUS[shape_object.size] * image_size
+        radius = RADIUS[shape_object.size] * object_scale * image_size
         u = (coordinates[None, :] - centre_x) / radius
         v = (coordinates[:, None] - centre_y) / radius
         mask = _shape_mask(shape_object.shape, u, v).astype(np.float32)  # (2S, 2S)
@@ -354,9 +357,9 @@ def render_scene(scene: tuple[ShapeObject, ...], image_size: int, rng: np.random
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def _render_png(job: tuple[tuple[ShapeObject, ...], int, tuple[int, ...]]) -> bytes:
-    scene, image_size, seed_words = job
-    pixels = render_scene(scene, image_size, np.random.default_rng(list(seed_words)))
+def _render_png(job: tuple[tuple[ShapeObject, ...], int, tuple[int, ...], float]) -> bytes:
+    scene, image_size, seed_words, object_scale = job
+    pixels = render_scene(scene, image_size, np.random.default_rng(list(seed_words)), object_scale)
     buffer = io.BytesIO()
     PIL.Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -368,18 +371,25 @@ def _render_png(job: tuple[tuple[ShapeObject, ...], int, tuple[int, ...]]) -> by
 
 
 def _generate_split(
-    split: str, num_images: int, seed: int, image_size: int, pool: Pool | None, redundancy: str = "default"
+    split: str,
+    num_images: int,
+    seed: int,
+    image_size: int,
+    pool: Pool | None,
+    redundancy: str = "default",
+    object_scale: float = 1.0,
 ) -> datasets.Dataset:
     split_index = SPLITS.index(split)
     rng = np.random.default_rng([seed, split_index])
     scenes = sample_scenes(num_images, rng)
     captions = [describe_scene(scene, rng, redundancy) for scene in scenes]
-    jobs = [(scene, image_size, (seed, split_index, index)) for index, scene in enumerate(scenes)]
+    jobs = [(scene, image_size, (seed, split_index, index), object_scale) for index, scene in enumerate(scenes)]
     png_images = pool.map(_render_png, jobs, chunksize=64) if pool else [_render_png(job) for job in jobs]
     image_ids = [split_index * SPLIT_ID_OFFSET + index for index in range(num_images)]
     description = (
         f"Synthetic shapes retrieval set, {split} split (seed {seed}, {image_size}x{image_size} images): "
-        f"{num_images} images, {CAPTIONS_PER_IMAGE} captions each, {redundancy} caption redundancy. Made by "
+        f"{num_images} images, {CAPTIONS_PER_IMAGE} captions each, {redundancy} caption redundancy, objects at "
+        f"{object_scale:g}x their usual size. Made by "
         "dataset_scripts/synthetic_shapes.py."
     )
     return datasets.Dataset.from_dict(
@@ -403,12 +413,16 @@ def generate_synthetic_dataset(
     image_size: int = 64,
     num_proc: int | None = None,
     caption_redundancy: str = "default",
+    object_scale: float = 1.0,
 ) -> datasets.DatasetDict:
     """Generate the synthetic set (and `save_to_disk` it to `output_dir` when given).
 
     A split with 0 images is left out. `num_proc` processes render the images
     (default: all CPU cores); it does not change the result. `caption_redundancy`
-    (`CAPTION_REDUNDANCY`) sets how much filler the captions carry.
+    (`CAPTION_REDUNDANCY`) sets how much filler the captions carry. `object_scale`
+    multiplies the objects' size (captions and positions unchanged): with 128-px
+    images, 16-px patches and 0.5, a small object (11.5 px across) fits inside one
+    patch, so that a patch selection has something to select.
     """
     if caption_redundancy not in CAPTION_REDUNDANCY:
         raise ValueError(f"caption_redundancy={caption_redundancy!r} is not one of {', '.join(CAPTION_REDUNDANCY)}.")
@@ -418,12 +432,14 @@ def generate_synthetic_dataset(
             raise ValueError(f"{split}_images must be in [0, {SPLIT_ID_OFFSET}), got {num_images}.")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels for the shapes to be recognisable, got {image_size}.")
+    if not 0 < object_scale <= 2:
+        raise ValueError(f"object_scale must be in (0, 2] (1: the usual size), got {object_scale}.")
     num_proc = num_proc or os.cpu_count() or 1
     pool = multiprocessing.Pool(num_proc) if num_proc > 1 else None
     try:
         dataset_dict = datasets.DatasetDict(
             {
-                split: _generate_split(split, num_images, seed, image_size, pool, caption_redundancy)
+                split: _generate_split(split, num_images, seed, image_size, pool, caption_redundancy, object_scale)
                 for split, num_images in sizes.items()
                 if num_images
             }
@@ -458,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
         default="default",
         help="how much filler and modification the captions carry (images do not change)",
     )
+    parser.add_argument(
+        "--object_scale", type=float, default=1.0, help="the objects' size, x the usual (captions do not change)"
+    )
     args = parser.parse_args(argv)
     if args.output_dir is None and args.png_dir is None:
         parser.error("give --output_dir, --png_dir or both")
@@ -471,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=args.image_size,
         num_proc=args.num_proc,
         caption_redundancy=args.caption_redundancy,
+        object_scale=args.object_scale,
     )
     if args.png_dir is not None:
         write_png_files(dataset, args.png_dir)

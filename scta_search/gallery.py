@@ -142,11 +142,9 @@ def eval_mode(model: torch.nn.Module):
 
 def encode_batch(model: SCTAModel, processor: SCTAProcessor, images: list) -> tuple[np.ndarray, np.ndarray]:
     """`(n, T, C)` float16 tokens and `(n, C)` float32 global embeddings of PIL images, on the model's device."""
-    device = next(model.parameters()).device
-    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-    with eval_mode(model):
-        features = model.get_image_features(pixel_values)
-    return features.last_hidden_state.half().cpu().numpy(), features.pooler_output.float().cpu().numpy()
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    [(tokens, global_embeddings)] = model.encode_image_batches([pixel_values])  # exhausted: the mode is restored
+    return tokens.half().cpu().numpy(), global_embeddings.float().cpu().numpy()
 
 
 def encoded_batches(

@@ -172,6 +172,13 @@ class DataArguments:
         default="default",
         metadata={"help": "Filler and modification in the synthetic captions: 'none', 'default' or 'heavy'."},
     )
+    synthetic_object_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Size of the synthetic set's objects, x the usual (in (0, 2]); e.g. 0.5 with 128-px images and "
+            "16-px patches puts a small object inside one patch."
+        },
+    )
     cache_dir: str = field(
         default=os.path.join(os.path.expanduser("~"), ".cache", "scta"),
         metadata={"help": "Where the synthetic set is generated once and reused."},
@@ -244,6 +251,10 @@ class DataArguments:
                 f"--synthetic_caption_redundancy {self.synthetic_caption_redundancy!r} is not one of "
                 f"{', '.join(CAPTION_REDUNDANCY)}."
             )
+        if not 0 < self.synthetic_object_scale <= 2:
+            raise ValueError(
+                f"--synthetic_object_scale must be in (0, 2] (1: the usual size), got {self.synthetic_object_scale}."
+            )
         if len(self.crop_scale) != 2:
             raise ValueError(
                 f"--crop_scale takes two numbers (smallest and largest area share), got {self.crop_scale}."
@@ -275,6 +286,17 @@ class SCTATrainingArguments(TrainingArguments):
     remove_unused_columns: bool = False  # the collator builds the model's inputs
     ddp_find_unused_parameters: bool = False
     backbone_lr_scale: float = field(default=0.1, metadata={"help": "Learning rate of both towers' backbones, x lr."})
+    vision_lr_scale: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the image tower's backbone, x lr (default: --backbone_lr_scale)."},
+    )
+    text_lr_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the text tower's backbone, x lr (default: --backbone_lr_scale); e.g. lower for "
+            "a pretrained text tower beside an image tower trained from scratch."
+        },
+    )
     lr_decay_epochs: list[float] = field(
         default_factory=lambda: [9, 15, 20, 25],
         metadata={"help": "Epochs at which every learning rate is decayed (fractions of an epoch allowed)."},
@@ -336,6 +358,11 @@ class SCTATrainingArguments(TrainingArguments):
     eval_image_chunk_size: int | None = field(default=None, metadata={"help": "Images per block of scored pairs."})
     eval_text_chunk_size: int | None = field(default=None, metadata={"help": "Captions per block of scored pairs."})
 
+    def tower_lr_scale(self, tower: str) -> float:
+        """The learning-rate scale of a tower's backbone, `"vision"` or `"text"`: its own if set, else the shared."""
+        own = getattr(self, f"{tower}_lr_scale")
+        return self.backbone_lr_scale if own is None else own
+
     def __post_init__(self):
         if self.max_steps < 1 and self.max_steps != -1:
             raise ValueError(
@@ -347,8 +374,10 @@ class SCTATrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU (torch warns without one)
-        if self.backbone_lr_scale < 0:
-            raise ValueError(f"backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}.")
+        for name in ("backbone_lr_scale", "vision_lr_scale", "text_lr_scale"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name} must be >= 0, got {value}.")
         if not 0 < self.lr_decay_factor <= 1:
             raise ValueError(f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}.")
         if self.rerank_top_k < 0:

@@ -48,6 +48,8 @@ def load_retrieval_dataset(
         )
         if data_args.synthetic_caption_redundancy != "default":
             name += f"-{data_args.synthetic_caption_redundancy}-redundancy"
+        if data_args.synthetic_object_scale != 1:
+            name += f"-objects{data_args.synthetic_object_scale:g}x"
         path = os.path.join(data_args.cache_dir, name)
         first = (
             contextlib.nullcontext()
@@ -66,6 +68,7 @@ def load_retrieval_dataset(
                     test_images=data_args.synthetic_test_images,
                     image_size=data_args.synthetic_image_size,
                     caption_redundancy=data_args.synthetic_caption_redundancy,
+                    object_scale=data_args.synthetic_object_scale,
                 )
                 try:
                     os.replace(temporary, path)  # a killed generation never leaves a half-written set behind

@@ -16,16 +16,14 @@ and the model with its adapter is saved to `--output_dir` with its processor. Ta
 
 import logging
 import math
-import sys
 
-import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser
 from transformers.trainer_utils import IntervalStrategy
 
 from scta_train.arguments import DataArguments, ModelArguments, SCTATrainingArguments
-from scta_train.checks import check_output_dir
+from scta_train.checks import check_first_stage_fit, require_splits, setup_logging
 from scta_train.data import load_retrieval_dataset
 from scta_train.loss import first_stage_loss
 from scta_train.models import build_model, build_processor
@@ -124,33 +122,16 @@ def refit_first_stage(model, train_split, processor, training_args, skip_on_bad_
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = HfArgumentParser((ModelArguments, DataArguments, SCTATrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    logging.getLogger("scta_train").setLevel(logging.INFO)
-    if training_args.disable_tqdm:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    if model_args.model_name_or_path is None:
-        raise ValueError("fit_first_stage needs --model_name_or_path: the trained SCTA model whose first stage to fit.")
-    if training_args.first_stage_epochs < 1:
-        raise ValueError(f"--first_stage_epochs must be >= 1 to fit anything, got {training_args.first_stage_epochs}.")
+    setup_logging(training_args)
     training_args.do_train = False
     training_args.eval_strategy = training_args.save_strategy = IntervalStrategy.NO  # evaluated below, by hand
     training_args.load_best_model_at_end = False
-    check_output_dir(training_args, None)
+    kind = check_first_stage_fit(model_args, training_args)
     transformers.set_seed(training_args.seed)
-    kind = model_args.first_stage_adapter or "linear"
-    if kind == "none":
-        raise ValueError("--first_stage_adapter none fits nothing: use linear or mlp.")
     model_args.first_stage_adapter = None  # the saved model's weights load as they are; the adapter is replaced below
 
     dataset = load_retrieval_dataset(data_args, training_args)
-    for name in (data_args.train_split, data_args.eval_split):
-        if name not in dataset:
-            raise ValueError(f"fit_first_stage needs the {name!r} split; the dataset has {list(dataset)}.")
+    require_splits(dataset, (data_args.train_split, data_args.eval_split), "fit_first_stage")
     processor = build_processor(model_args, dataset, data_args.train_split)
     model = build_model(model_args, processor).to(training_args.device).eval()
     model.requires_grad_(False)

@@ -1,8 +1,9 @@
 """
-The training objectives and their cross-process gather, in one place: `SCTALoss` (the hinge loss of the head over
-the global batch, plus the optional auxiliary hinge on the global embeddings) and `first_stage_loss` (symmetric
-InfoNCE of the first-stage adapter on detached embeddings). The hinge itself is `modeling_scta.hinge_loss_one_direction`
-(shipped: `SCTAModel.forward(return_loss=True)` and the evaluation loss use it too).
+The training objectives and their cross-process gather, in one place: `SCTALoss` (the head's loss over the global
+batch, hinge or InfoNCE by `config.training_loss`, plus the optional auxiliary term on the global embeddings) and
+`first_stage_loss` (symmetric InfoNCE of the first-stage adapter on detached embeddings). The per-direction losses
+themselves are `modeling_scta.hinge_loss_one_direction` and `infonce_loss_one_direction` (shipped:
+`SCTAModel.forward(return_loss=True)` and the evaluation loss use them too).
 """
 
 import torch
@@ -12,17 +13,15 @@ from torch import nn
 
 from configuration_scta import SCTAConfig
 from modeling_scta import (
+    LOGIT_SCALE_MAX,
     FirstStageAdapter,
     SCTAModel,
     SCTAOutput,
     cosine_similarity_matrix,
     hinge_loss_one_direction,
+    infonce_loss_one_direction,
     scta_with_global_loss,
 )
-
-
-# CLIP clamps its logit scale at log(100): a temperature below 0.01 makes the softmax a hard max.
-LOGIT_SCALE_MAX = 4.6052
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -44,10 +43,11 @@ def all_gather_with_grad(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 class SCTALoss(nn.Module):
     """
-    SCTA's objective over the global batch: the hinge loss of `model.similarity` (the key-token head, or the global
-    cosine with `scoring_head="global"`) plus `config.global_loss_weight` x the same hinge on the global embeddings'
-    cosine. Both paths below score with `hinge_loss_one_direction` and the positive masks of `image_ids`; the
-    cross-process gather is `all_gather_with_grad`.
+    SCTA's objective over the global batch: the loss of `config.training_loss` (the paper's hinge, or InfoNCE with
+    the model's learned `logit_scale`) on `model.similarity` (the key-token head, or the global cosine with
+    `scoring_head="global"`), plus `config.global_loss_weight` x the same loss on the global embeddings' cosine.
+    Both paths below score with the per-direction losses of `modeling_scta` and the positive masks of `image_ids`;
+    the cross-process gather is `all_gather_with_grad`.
 
     In one process it is `scta_with_global_loss` of the batch. Under several processes (torch.distributed
     initialised, `world_size > 1`), each process computes its image rows and caption columns of the global score
@@ -79,6 +79,7 @@ class SCTALoss(nn.Module):
                 self.margin,
                 hardest_negative,
                 self.global_loss_weight,
+                model.logit_scale,
             )
             return loss
         return self._global_batch_loss(model, outputs, text_attention_mask, image_ids, hardest_negative) * world_size
@@ -110,21 +111,27 @@ class SCTALoss(nn.Module):
             for other in range(world_size)
         ]
         positive_mask = image_ids[:, None] == all_ids[None, :]  # (B_r, B_global)
+        logit_scale, global_batch = model.logit_scale, len(all_ids)
 
-        def hinge(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-            """Both directions for this process's queries: rows `(B_r, B_global)`, columns `(B_global, B_r)`."""
+        def contrastive(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+            """Both directions for this process's queries: rows `(B_r, B_global)`, columns `(B_global, B_r)`.
+            InfoNCE is a mean over the global batch, so every process divides its sum by the global batch size."""
+            if logit_scale is not None:
+                image_to_text = infonce_loss_one_direction(rows, positives, positive_mask, logit_scale)
+                text_to_image = infonce_loss_one_direction(columns.t(), positives, positive_mask, logit_scale)
+                return (image_to_text + text_to_image) / (2 * global_batch)
             image_to_text = hinge_loss_one_direction(rows, positives, positive_mask, self.margin, hardest_negative)
             text_to_image = hinge_loss_one_direction(
                 columns.t(), positives, positive_mask, self.margin, hardest_negative
             )
             return image_to_text + text_to_image
 
-        loss = hinge(torch.cat(rows, 1), torch.cat(columns, 0), local_block.diagonal())
+        loss = contrastive(torch.cat(rows, 1), torch.cat(columns, 0), local_block.diagonal())
         if self.global_loss_weight:
             image_global, text_global = outputs.image_global_embeds, outputs.text_global_embeds
             all_image_global = torch.cat(all_gather_with_grad(image_global))
             all_text_global = torch.cat(all_gather_with_grad(text_global))
-            loss = loss + self.global_loss_weight * hinge(
+            loss = loss + self.global_loss_weight * contrastive(
                 cosine_similarity_matrix(image_global, all_text_global),
                 cosine_similarity_matrix(all_image_global, text_global),
                 cosine_similarity_matrix(image_global, text_global).diagonal(),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from modeling_scta import hinge_loss_one_direction
+from modeling_scta import hinge_loss_one_direction, infonce_loss_one_direction
 
 
 logger = logging.getLogger(__name__)
@@ -124,12 +124,23 @@ def retrieval_eval_loss(
     caption_to_image: torch.Tensor,
     margin: float,
     text_to_image_scores: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | float | None = None,
 ) -> float:
     """
-    The training objective (hinge, hardest negative: `modeling_scta.hinge_loss_one_direction`, the loss's own) over a
-    whole evaluation set, per caption: for every (image, caption) pair the hardest caption of another image and the
-    hardest other image (from `text_to_image_scores` when given). Computed 1,024 captions at a time.
+    The training objective over a whole evaluation set, per (image, caption) pair, with the loss's own per-direction
+    functions: the hinge (hardest negative, `modeling_scta.hinge_loss_one_direction`) against the hardest caption
+    of another image and the hardest other image (from `text_to_image_scores` when given), or, with the model's
+    `logit_scale` (`training_loss="infonce"`), InfoNCE against every other image's captions and every other image
+    (mean of both directions). Computed 1,024 captions at a time.
     """
+    if logit_scale is not None:
+        logit_scale = torch.as_tensor(float(logit_scale))
+
+    def one_direction(queries, positives, positive_mask) -> float:
+        if logit_scale is None:
+            return float(hinge_loss_one_direction(queries, positives, positive_mask, margin))
+        return float(infonce_loss_one_direction(queries, positives, positive_mask, logit_scale)) / 2
+
     scores = scores.float()
     t2i_scores = scores if text_to_image_scores is None else text_to_image_scores.float()
     num_images, num_captions = scores.shape
@@ -141,9 +152,9 @@ def retrieval_eval_loss(
         # image -> text: each caption's image queries every caption; its own image's captions are positives
         image_queries = scores[images]  # (b, n_cap)
         same_image = caption_to_image[None, :] == images[:, None]
-        total += float(hinge_loss_one_direction(image_queries, scores[images, captions], same_image, margin))
+        total += one_direction(image_queries, scores[images, captions], same_image)
         # text -> image: each caption queries every image; its image is the positive
         caption_queries = t2i_scores[:, captions].t()  # (b, n_img)
         own_image = image_rows[None, :] == images[:, None]
-        total += float(hinge_loss_one_direction(caption_queries, t2i_scores[images, captions], own_image, margin))
+        total += one_direction(caption_queries, t2i_scores[images, captions], own_image)
     return total / num_captions

@@ -6,26 +6,23 @@ too, so that they never import the script.
 
 import json
 import logging
-import sys
 from pathlib import Path
 
-import datasets
 import torch.distributed as dist
 import transformers
 from accelerate import PartialState
 from transformers.trainer_utils import IntervalStrategy
 
-from configuration_scta import SHAPE_SETTINGS
 from scta_train.arguments import SYNTHETIC_DATASET_NAME
-from scta_train.checks import check_launch, check_output_dir, check_splits
+from scta_train.checks import check_run, check_splits, setup_logging
 from scta_train.coco_extended import coco_metrics_hook
 from scta_train.data import load_retrieval_dataset
 from scta_train.fit_first_stage import refit_first_stage
 from scta_train.metrics import compute_retrieval_metrics
-from scta_train.models import build_model, build_processor, load_scta_config
+from scta_train.models import build_model, build_processor
 from scta_train.processing import CaptionAugmenter, ImageTrainTransform, RetrievalCollator, RetrievalTrainDataset
 from scta_train.results import format_results
-from scta_train.trainer import SCTATrainer, is_complete_checkpoint, last_complete_checkpoint
+from scta_train.trainer import SCTATrainer
 
 
 logger = logging.getLogger(__name__)
@@ -33,68 +30,21 @@ logger = logging.getLogger(__name__)
 
 def run(model_args, data_args, training_args) -> dict[str, float]:
     """Train and/or evaluate as the arguments say; returns the train, eval and test metrics."""
-    # 1. Logging: the training package at INFO on the main process; transformers and datasets at --log_level.
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logging.getLogger("scta_train").setLevel(logging.INFO if training_args.should_log else log_level)
-    if training_args.log_level != "passive":
-        transformers.utils.logging.set_verbosity(log_level)
-        datasets.utils.logging.set_verbosity(log_level)
-    if training_args.disable_tqdm:  # also the bars of datasets and of transformers' weight loading and saving
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    # 1. Logging, then every check that needs no data (launcher, resuming, output folder, batch, overrides).
+    setup_logging(training_args)
     logger.info(
         "Process %d of %d, device %s", training_args.process_index, training_args.world_size, training_args.device
     )
-    check_launch(training_args)
-    transformers.set_seed(training_args.seed)
-
-    # 2. Resuming: the newest complete checkpoint, never one cut off mid-write.
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and str(resume).lower() in ("true", "last"):
-        resume = last_complete_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise ValueError(
-                f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no complete "
-                f"checkpoint in {training_args.output_dir}."
-            )
-    elif resume is not None and not is_complete_checkpoint(resume):
-        raise ValueError(
-            f"--resume_from_checkpoint {resume} is not a complete checkpoint folder (no readable trainer_state.json "
-            "or model weights); pass --resume_from_checkpoint last to take the newest complete one."
-        )
+    resume = check_run(model_args, training_args)
     if resume is not None:
         logger.info("Resuming from %s", resume)
-
-    # 3. Data, processor, model.
-    check_output_dir(training_args, resume)
+    transformers.set_seed(training_args.seed)
     if not training_args.do_train:
         # Evaluation strategy and checkpoint selection concern training only (the Trainer would ask for a dev split).
         training_args.eval_strategy = training_args.save_strategy = IntervalStrategy.NO
         training_args.load_best_model_at_end = False
-    global_batch = training_args.per_device_train_batch_size * training_args.world_size
-    if training_args.do_train and global_batch < 2:
-        raise ValueError(
-            f"The global training batch is {global_batch} pair (--per_device_train_batch_size "
-            f"{training_args.per_device_train_batch_size} x {training_args.world_size} processes): the hinge loss "
-            "compares a pair with the other pairs of its batch, so it would be 0 at every step. Use at least 2."
-        )
-    if model_args.model_name_or_path is not None:
-        changed = [name for name in SHAPE_SETTINGS if getattr(model_args, name) is not None]
-        saved = load_scta_config(model_args.model_name_or_path, model_args.model_revision)
-        changed = [name for name in changed if getattr(model_args, name) != getattr(saved, name)]
-        if changed:
-            raise ValueError(
-                "--" + ", --".join(f"{name} {getattr(model_args, name)}" for name in changed) + " would change the "
-                f"shape of weights of the trained model {model_args.model_name_or_path} (which has "
-                + ", ".join(f"{name}={getattr(saved, name)}" for name in changed)
-                + "). Drop the override, or start "
-                "from pretrained towers (--vision_model_name_or_path / --text_model_name_or_path) to train another head."
-            )
+
+    # 2. Data, processor, model.
     dataset = load_retrieval_dataset(data_args, training_args)
     processor = build_processor(model_args, dataset, data_args.train_split)
     model = build_model(model_args, processor)
@@ -168,7 +118,7 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
         and (training_args.do_train or model.config.fusion_weight is None),
     )
 
-    # 4. Train. Results carry the seed the model was trained with and the setting (data and head) they belong to,
+    # 3. Train. Results carry the seed the model was trained with and the setting (data and head) they belong to,
     # so that aggregating runs of several seeds never mixes settings.
     seed = {"seed": training_args.seed} if training_args.do_train else training_seed(model_args.model_name_or_path)
     setting = {"setting": run_setting(data_args, model.config)}  # saved with the results, not logged
@@ -196,7 +146,7 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
         trainer.save_state()
         results.update(train_metrics, **setting)
 
-    # 5. Evaluate on the selection split and, once, on the test split.
+    # 4. Evaluate on the selection split and, once, on the test split.
     splits = []
     if training_args.do_eval:
         splits.append(("eval", eval_dataset))
@@ -222,7 +172,7 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
             # the weight chosen on this final dev evaluation is the saved model's
             model.config.save_pretrained(training_args.output_dir)
 
-    # 6. Model card (with the results above) and Hub.
+    # 5. Model card (with the results above) and Hub.
     if training_args.do_train:
         trainer.create_model_card(
             model_name=Path(training_args.output_dir).name,
@@ -258,6 +208,7 @@ def run_setting(data_args, config) -> dict:
                     "synthetic_image_size",
                     "synthetic_seed",
                     "synthetic_caption_redundancy",
+                    "synthetic_object_scale",
                 )
             },
         }

@@ -22,22 +22,21 @@ NON_CANDIDATE_OFFSET = 3.0
 FUSION_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
-@torch.no_grad()
 def encode_image_corpus(
     model: SCTAModel, images, batch_size: int, device, num_workers: int = 0, show: bool = False, keep_tokens=True
 ):
     """
-    Image side of a corpus, once per image: `(n, T_img, C)` projected tokens (None with `keep_tokens=False`, when
-    only the first stage is needed) and `(n, C)` global embeddings, on `device`. `images` is a dataset of
-    `{"pixel_values": (3, S, S)}` items (e.g. `RetrievalEvalImages`).
+    Image side of a corpus, once per image (`SCTAModel.encode_image_batches`): `(n, T_img, C)` projected tokens
+    (None with `keep_tokens=False`, when only the first stage is needed) and `(n, C)` global embeddings, on the
+    model's device (`device`, where the caller placed it). `images` is a dataset of `{"pixel_values": (3, S, S)}`
+    items (e.g. `RetrievalEvalImages`).
     """
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=RetrievalCollator(0))
+    batches = (batch["pixel_values"] for batch in tqdm(loader, desc="Encoding images", disable=not show))
     tokens, global_embeds = [], []
-    for batch in tqdm(loader, desc="Encoding images", disable=not show):
-        features = model.get_image_features(batch["pixel_values"].to(device))
-        if keep_tokens:
-            tokens.append(features.last_hidden_state)
-        global_embeds.append(features.pooler_output)
+    for batch_tokens, batch_global in model.encode_image_batches(batches, keep_tokens):
+        tokens.append(batch_tokens)
+        global_embeds.append(batch_global)
     width = model.config.embed_size
     if not global_embeds:  # an empty corpus (e.g. a process without images)
         token_count = model.config.num_patches + int(model.config.vision_has_cls_token)

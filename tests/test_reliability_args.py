@@ -102,7 +102,7 @@ def test_empty_image_limits_and_one_pair_batches_are_refused_up_front(tmp_path, 
     config = tiny_run_config(synthetic_dir, str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"--max_train_images must be >= 1"):
         run(tmp_path, {**config, "max_train_images": 0})
-    with pytest.raises(ValueError, match=r"global training batch is 1 pair .*hinge loss"):
+    with pytest.raises(ValueError, match=r"global training batch is 1 pair .*the loss compares a pair"):
         run(tmp_path, {**config, "per_device_train_batch_size": 1})
     assert not (tmp_path / "out").exists()
 

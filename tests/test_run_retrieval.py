@@ -104,6 +104,17 @@ def test_eval_loss_on_a_hand_built_matrix():
     # caption 1 (image 1, 0.9): hardest other caption of image 1 = 0.1 -> 0; other image 0.6 -> 0.2 + 0.6 - 0.9 < 0
     assert retrieval_eval_loss(scores, caption_to_image, margin=0.2) == pytest.approx(0.3 / 2)
 
+    # InfoNCE (logit scale 0: temperature 1), per caption the mean of both directions:
+    # caption 0: image 0 queries [0.5 | 0.6], image-side query caption 0 over images [0.5 | 0.1]
+    # caption 1: image 1 queries [0.9 | 0.1], caption 1 over images [0.9 | 0.6]
+    def cross_entropy(positive, *negatives):
+        return float(-torch.log_softmax(torch.tensor([positive, *negatives]), 0)[0])
+
+    expected = (
+        cross_entropy(0.5, 0.6) + cross_entropy(0.5, 0.1) + cross_entropy(0.9, 0.1) + cross_entropy(0.9, 0.6)
+    ) / 4
+    assert retrieval_eval_loss(scores, caption_to_image, margin=0.2, logit_scale=0.0) == pytest.approx(expected)
+
 
 def test_results_table_lists_both_directions():
     metrics = {
@@ -122,7 +133,7 @@ def _head_learning_rates(trainer, optimizer, num_steps: int) -> list[float]:
     scheduler = trainer.create_scheduler(num_training_steps=num_steps, optimizer=optimizer)
     learning_rates = []
     for _ in range(num_steps):
-        learning_rates.append(optimizer.param_groups[1]["lr"])
+        learning_rates.append(optimizer.param_groups[2]["lr"])
         optimizer.step()
         scheduler.step()
     return learning_rates
@@ -147,14 +158,17 @@ def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
     train = load_from_disk(synthetic_dir)["train"]  # 96 images -> 480 pairs -> 15 steps per epoch
     trainer = SCTATrainer(model=model, args=args, train_dataset=[None] * 480, eval_dataset=train)
     optimizer = trainer.create_optimizer()
-    backbone_group, head_group, adapter_group = optimizer.param_groups
-    backbone_ids = {id(p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "text_model."))}
+    vision_group, text_group, head_group, adapter_group = optimizer.param_groups
+    vision_ids = {id(p) for n, p in model.named_parameters() if n.startswith("vision_model.")}
+    text_ids = {id(p) for n, p in model.named_parameters() if n.startswith("text_model.")}
     adapter_ids = {id(p) for p in model.first_stage.parameters()}
-    assert {id(p) for p in backbone_group["params"]} == backbone_ids
+    assert {id(p) for p in vision_group["params"]} == vision_ids
+    assert {id(p) for p in text_group["params"]} == text_ids
     assert {id(p) for p in adapter_group["params"]} == adapter_ids
-    assert len(head_group["params"]) == len(list(model.parameters())) - len(backbone_ids) - len(adapter_ids)
-    assert backbone_group["lr"] == pytest.approx(1e-4) and head_group["lr"] == pytest.approx(1e-3)
-    assert backbone_group["weight_decay"] == head_group["weight_decay"] == 1e-4
+    others = len(list(model.parameters())) - len(vision_ids) - len(text_ids) - len(adapter_ids)
+    assert len(head_group["params"]) == others
+    assert vision_group["lr"] == text_group["lr"] == pytest.approx(1e-4) and head_group["lr"] == pytest.approx(1e-3)
+    assert vision_group["weight_decay"] == head_group["weight_decay"] == 1e-4
     assert adapter_group["lr"] == pytest.approx(1e-3) and adapter_group["weight_decay"] == 0.0
     assert isinstance(optimizer, torch.optim.AdamW)
     assert trainer.args.max_grad_norm == 2.0
@@ -165,6 +179,32 @@ def test_optimizer_groups_and_step_decay(tmp_path, synthetic_dir):
     assert learning_rates[44] == pytest.approx(3e-4) and learning_rates[45] == pytest.approx(9e-5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(9e-6)
     assert optimizer.defaults["fused"] == (args.optim == "adamw_torch_fused")
+
+
+def test_per_tower_learning_rates_and_the_temperature_group(tmp_path):
+    from helpers import tiny_scta_config
+    from modeling_scta import SCTAModel
+
+    model = SCTAModel(tiny_scta_config(training_loss="infonce", first_stage_adapter="none"))
+    args = SCTATrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        learning_rate=1e-3,
+        text_lr_scale=0.01,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+        report_to="none",
+    )
+    assert args.tower_lr_scale("vision") == 0.1 and args.tower_lr_scale("text") == 0.01
+    optimizer = SCTATrainer(model=model, args=args).create_optimizer()
+    vision_group, text_group, head_group, temperature_group = optimizer.param_groups
+    assert vision_group["lr"] == pytest.approx(1e-4) and text_group["lr"] == pytest.approx(1e-5)
+    assert head_group["lr"] == pytest.approx(1e-3)
+    # the temperature has no weight decay (it would pull log(1 / T) towards 0), as in CLIP's training code
+    assert temperature_group["params"] == [model.logit_scale] and temperature_group["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="--vision_lr_scale must be >= 0, got -1"):
+        SCTATrainingArguments(output_dir=str(tmp_path), vision_lr_scale=-1, report_to="none")
 
 
 def test_linear_warmup_then_step_decay(tmp_path):
@@ -546,7 +586,7 @@ def _torchrun(arguments: list[str], cwd, timeout: int = 600) -> subprocess.Compl
 def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path):
     _torchrun([os.path.join(REPO, "tests", "distributed_check.py"), str(tmp_path / "report.json")], tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
-    for phase in ("sum_over_negatives", "hardest_negative"):
+    for phase in ("sum_over_negatives", "hardest_negative", "infonce"):
         numbers = report[phase]
         assert numbers["loss"] == pytest.approx(numbers["expected_loss"], rel=1e-5), phase
         assert numbers["max_gradient_error"] <= 1e-5 * numbers["max_gradient"], phase

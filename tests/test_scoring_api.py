@@ -262,3 +262,27 @@ def test_resizing_the_text_towers_embeddings_after_adding_tokens(tmp_path):
         torch.testing.assert_close(
             loaded(tester.pixel_values, input_ids, tester.attention_mask).logits_per_image, scores
         )
+
+
+def test_image_batches_are_encoded_in_eval_mode_without_gradient_and_the_mode_restored():
+    tester = SCTAModelTester()
+    model = tester.model.train()
+    batches = [tester.pixel_values[:2], tester.pixel_values[2:]]
+    encoded = list(model.encode_image_batches(batches))
+    assert model.training  # the caller's mode, back
+    model.eval()
+    with torch.no_grad():
+        expected = model.get_image_features(tester.pixel_values)
+    tokens = torch.cat([batch_tokens for batch_tokens, _ in encoded])
+    global_embeds = torch.cat([batch_global for _, batch_global in encoded])
+    torch.testing.assert_close(tokens, expected.last_hidden_state)
+    torch.testing.assert_close(global_embeds, expected.pooler_output)
+    assert not tokens.requires_grad and torch.is_grad_enabled()
+    # only the global embeddings; an abandoned iteration restores the mode too
+    model.train()
+    iterator = model.encode_image_batches(batches, keep_tokens=False)
+    first_tokens, first_global = next(iterator)
+    assert first_tokens is None and first_global.shape == (2, model.config.embed_size) and not model.training
+    assert torch.is_grad_enabled()  # no no_grad state leaks to the caller between batches
+    iterator.close()
+    assert model.training

@@ -202,9 +202,9 @@ def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
         "--output",
         str(tmp_path / "report"),
         "--methods",
-        "global",
+        "global_infonce",
         "laps",
-        "--levels",
+        "--datasets",
         "default",
         "--seeds",
         "0",
@@ -218,21 +218,47 @@ def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "ablation.json").read_text())
     chosen = report["protocol"]["chosen"]
-    assert set(chosen) == {"global", "laps"}
+    assert set(chosen) == {"global_infonce", "laps"}
     runs = sorted(p.relative_to(tmp_path / "runs").as_posix() for p in (tmp_path / "runs").glob("*/*/*") if p.is_dir())
     key = "-" + hashlib.sha256(json.dumps(tiny, sort_keys=True).encode()).hexdigest()[:8]  # runs keyed by the overrides
-    expected = [f"default/{m}/lr{lr:g}-seed0{key}" for m in ("global", "laps") for lr in (0.001, 0.002)]
-    expected += [f"default/{m}/lr{chosen[m]:g}-seed1{key}" for m in ("global", "laps")]
-    assert runs == sorted(expected)  # each method: both learning rates at seed 0, then seed 1 at the chosen one
+    for method in ("global_infonce", "laps"):
+        grid = sorted(float(lr) for lr in report["protocol"]["tuning_dev_rsum"][method])
+        assert {0.0005, 0.001, 0.002} <= set(grid) and len(grid) <= 5
+        # the chosen rate is inside the grid, unless the grid could not be extended further
+        assert grid[0] < chosen[method] < grid[-1] or len(grid) == 5
+        expected = [f"default/{method}/lr{lr:g}-seed0{key}" for lr in grid]
+        expected.append(f"default/{method}/lr{chosen[method]:g}-seed1{key}")
+        assert [run for run in runs if f"/{method}/" in run] == sorted(expected)
+    config = json.loads((tmp_path / "runs" / "default" / "global_infonce" / f"lr0.001-seed0{key}.json").read_text())
+    assert config["training_loss"] == "infonce" and config["scoring_head"] == "global"
+    assert "Tuning: dev rsum" in (tmp_path / "report" / "ablation.md").read_text()
     assert report["protocol"]["overrides"] == tiny
     assert "Settings changed from the protocol" in (tmp_path / "report" / "ablation.md").read_text()
-    group = report["groups"]["default / global dual encoder"]
+    group = report["groups"]["default / global dual encoder, InfoNCE"]
     assert group["rsum"]["n"] == 2 and group["rsum"]["seeds"] == [0, 1]
     assert (tmp_path / "report" / "ablation_recall.png").stat().st_size > 10_000
     assert "± " in (tmp_path / "report" / "ablation.md").read_text()
     # resumable: a second call trains nothing
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and " start " not in second.stderr
+
+
+def test_the_tuning_grid_grows_past_an_edge_and_stops():
+    study = study_main()
+    assert study.grid_extension({5e-4: 10.0, 1e-3: 20.0}) is None  # the base grid is not finished yet
+    assert study.grid_extension({5e-4: 10.0, 1e-3: 30.0, 2e-3: 20.0}) is None  # interior
+    assert study.grid_extension({5e-4: 40.0, 1e-3: 30.0, 2e-3: 20.0}) == 2.5e-4
+    assert study.grid_extension({5e-4: 10.0, 1e-3: 30.0, 2e-3: 50.0}) == 4e-3
+    assert study.grid_extension({5e-4: 1, 1e-3: 2, 2e-3: 3, 4e-3: 4, 8e-3: 5}) is None  # extended twice: no more
+
+
+def test_the_small_objects_set_changes_the_images_and_the_tower_together(tmp_path):
+    study = study_main()
+    config = study.run_config("scta", "small_objects", 1e-3, 0, tmp_path, {"vision_config": {"model_type": "vit"}})
+    assert config["synthetic_image_size"] == config["vision_config"]["image_size"] == 128
+    assert config["synthetic_object_scale"] == 0.5 and config["vision_config"]["model_type"] == "vit"
+    demo = json.loads((study.BASE_CONFIG).read_text())
+    assert study.run_config("laps", "none", 1e-3, 0, tmp_path)["vision_config"] == demo["vision_config"]
 
 
 def study_main():
@@ -249,7 +275,7 @@ def study_main():
         (["--jobs", "0"], "--jobs: must be >= 1"),
         (["--override", "max_steps", "many"], "the value must be JSON"),
         (["--override", "max_stepz", "2"], "not a setting of run_retrieval.py"),
-        (["--levels", "default", "extreme"], "--levels extreme: not a caption-redundancy level"),
+        (["--datasets", "default", "extreme"], "--datasets extreme: not a synthetic set of the study"),
         (["--methods", "clip"], "unknown methods"),
     ],
 )

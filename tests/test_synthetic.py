@@ -138,6 +138,18 @@ def test_objects_are_drawn_where_and_as_the_captions_say():
     assert red_area > 2 * blue_area > 0
 
 
+def test_object_scale_shrinks_the_objects_to_fit_a_patch():
+    scene = (ShapeObject(shape="square", colour="red", size="small", cell=(1, 1)),)
+    usual = render_scene(scene, 128, np.random.default_rng(0)).astype(int)
+    half = render_scene(scene, 128, np.random.default_rng(0), object_scale=0.5).astype(int)
+    red = [np.argwhere(np.abs(pixels - COLOURS["red"]).max(-1) < 40) for pixels in (usual, half)]
+    extents = [int((points.max(0) - points.min(0)).max()) + 1 for points in red]
+    assert extents[0] > 16 >= extents[1] > 0  # a 16-px patch holds the small object only at half size
+    assert np.allclose(red[0].mean(0), red[1].mean(0), atol=1.5)  # at the same place
+    with pytest.raises(ValueError, match=r"object_scale must be in \(0, 2\]"):
+        generate_synthetic_dataset(train_images=2, dev_images=0, test_images=0, object_scale=0)
+
+
 def test_default_sizes_are_the_flickr30k_shape():
     # Generation time of the default set is measured, not asserted: see the README (timing is not a unit test).
     defaults = {name: p.default for name, p in inspect.signature(generate_synthetic_dataset).parameters.items()}
