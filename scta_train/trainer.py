@@ -229,8 +229,9 @@ class SCTATrainer(Trainer):
     def _watch_collapse(self, scores: torch.Tensor) -> None:
         """
         A model whose scores are all equal across the batch has collapsed: the hinge loss is then exactly
-        `2 x batch x margin` (InfoNCE: `log(batch)`) and its gradient carries no ranking signal. Such steps are counted (`collapsed_steps`
-        in the logs), and a warning says so after `COLLAPSE_STEPS_TO_WARN` in a row (once per episode).
+        `2 x batch x margin` (InfoNCE: `log(batch)`) and its gradient carries no ranking signal. Such steps are
+        counted (`collapsed_steps` in the logs), and a warning says so after `COLLAPSE_STEPS_TO_WARN` in a row (once
+        per episode).
         """
         scores = scores.detach().float()
         spread = float(scores.max() - scores.min())
@@ -242,8 +243,8 @@ class SCTATrainer(Trainer):
         if self.consecutive_collapsed_steps == COLLAPSE_STEPS_TO_WARN:
             logger.warning(
                 "Step %d: every score of the batch has been equal (spread %.2g) for %d steps: the model has collapsed "
-                "(no ranking signal in the loss). It may recover; if it does not, lower the learning "
-                "rate, lengthen --warmup_steps or --vse_mean_warmup_epochs, or resume from an earlier checkpoint.",
+                "(no ranking signal in the loss). It may recover; if it does not, lower the learning rate, lengthen "
+                "--warmup_steps or --vse_mean_warmup_epochs, or resume from an earlier checkpoint.",
                 self.state.global_step,
                 spread,
                 self.consecutive_collapsed_steps,
