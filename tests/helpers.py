@@ -97,6 +97,16 @@ class SCTAModelTester:
         self.pixel_values = torch.randn(self.batch_size, 3, 32, 32, generator=generator)
         self.input_ids, self.attention_mask = random_text_batch([9, 5, 7], generator=generator)
 
+    def loss_outputs(self, image_ids: torch.Tensor):
+        """The model's forward on the tester's pairs with `return_loss=True` (in the model's current mode)."""
+        return self.model(
+            pixel_values=self.pixel_values,
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            image_ids=image_ids,
+            return_loss=True,
+        )
+
     def check_outputs(self):
         outputs = self.model(
             pixel_values=self.pixel_values,

@@ -246,13 +246,7 @@ def test_a_real_pretrained_text_tower_and_its_tokenizer(tmp_path):
 def test_the_loss_module_is_the_models_loss():
     tester = SCTAModelTester(global_loss_weight=0.5)
     model = tester.model.train()
-    outputs = model(
-        pixel_values=tester.pixel_values,
-        input_ids=tester.input_ids,
-        attention_mask=tester.attention_mask,
-        image_ids=torch.tensor([4, 4, 9]),
-        return_loss=True,
-    )
+    outputs = tester.loss_outputs(torch.tensor([4, 4, 9]))
     global_logits = (
         torch.nn.functional.normalize(outputs.image_global_embeds, dim=-1)
         @ torch.nn.functional.normalize(outputs.text_global_embeds, dim=-1).t()

@@ -337,13 +337,7 @@ def test_infonce_model_holds_a_learned_temperature_and_trains_it(tmp_path):
     tester = SCTAModelTester(training_loss="infonce")
     model = tester.model.train()
     assert model.logit_scale.item() == pytest.approx(2.6592)  # CLIP's log(1 / 0.07)
-    outputs = model(
-        pixel_values=tester.pixel_values,
-        input_ids=tester.input_ids,
-        attention_mask=tester.attention_mask,
-        image_ids=torch.tensor([4, 4, 9]),
-        return_loss=True,
-    )
+    outputs = tester.loss_outputs(torch.tensor([4, 4, 9]))
     expected = scta_loss(outputs.logits_per_image, torch.tensor([4, 4, 9]), logit_scale=model.logit_scale)
     torch.testing.assert_close(outputs.loss, expected)
     outputs.loss.backward()
