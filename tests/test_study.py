@@ -252,6 +252,48 @@ def test_the_tuning_grid_grows_past_an_edge_and_stops():
     assert study.grid_extension({5e-4: 1, 1e-3: 2, 2e-3: 3, 4e-3: 4, 8e-3: 5}) is None  # extended twice: no more
 
 
+def fake_study_run(folder, seed, dev_curve, test_rsum):
+    """A finished study run: its results and its dev curve (trainer_state.json), as run_retrieval.py writes them."""
+    folder.mkdir(parents=True)
+    results = {"seed": seed, "eval_rsum": dev_curve[-1], "test_rsum": test_rsum}
+    results.update({f"test_{name}": test_rsum / 6 for name in ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i")})
+    results["test_r10_t2i"] = test_rsum / 6
+    results.update(train_runtime=100.0, test_runtime=10.0)
+    (folder / "all_results.json").write_text(json.dumps(results))
+    history = [{"step": 400 * (i + 1), "eval_head_only_rsum": rsum} for i, rsum in enumerate(dev_curve)]
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+
+
+def test_a_run_still_rising_at_its_end_is_trained_again_longer_and_reported_beside(tmp_path, caplog):
+    study = study_main()
+    runs = tmp_path / "runs"
+    demo = json.loads(study.BASE_CONFIG.read_text())
+    longer = study.longer_overrides()
+    # the whole schedule stretched: steps, warm-up, the hardest-negative switch and the learning-rate step
+    assert longer["max_steps"] == 2 * demo["max_steps"] and longer["warmup_steps"] == 2 * demo["warmup_steps"]
+    assert longer["lr_decay_epochs"] == [2 * epoch for epoch in demo["lr_decay_epochs"]]
+    assert longer["vse_mean_warmup_epochs"] == 2 * demo["vse_mean_warmup_epochs"]
+    assert "embedding_warmup_epochs" not in longer  # None in the demo: nothing to stretch
+    assert study.longer_overrides({"max_steps": 10, "seed": 3}) == {**longer, "max_steps": 20, "seed": 3}
+    assert study.overrides_key(longer) != ""  # longer runs never share the tuned runs' folders
+
+    fake_study_run(study.run_dir(runs, "laps", "default", 5e-4, 0), 0, [300.0, 340.0, 358.0], 280.0)  # rising
+    fake_study_run(study.run_dir(runs, "scta", "default", 1e-3, 0), 0, [500.0, 506.0, 506.5], 480.0)  # flat
+    chosen = {"laps": 5e-4, "scta": 1e-3}
+    assert study.longer_jobs(runs, chosen) == [("laps", "default", 5e-4, 0, longer)]
+    assert study.longer_budget_rows(runs, chosen) == []  # not trained yet
+
+    fake_study_run(study.run_dir(runs, "laps", "default", 5e-4, 0, longer), 0, [300.0, 380.0, 400.0, 401.0], 320.0)
+    (row,) = study.longer_budget_rows(runs, chosen)
+    assert row["method"] == "laps" and row["base"]["steps"] == 1200 and row["longer"]["steps"] == 1600
+    assert row["base"]["still_rising"] and not row["longer"]["still_rising"]
+    assert (row["base"]["rsum"], row["longer"]["rsum"]) == (280.0, 320.0)
+    study.report(runs, ["scta", "laps"], ["default"], [0], tmp_path / "report")
+    text = (tmp_path / "report" / "ablation.md").read_text()
+    assert "Longer budget (2x the schedule" in text and "300.0 → 380.0 → 400.0 → 401.0" in text
+    assert json.loads((tmp_path / "report" / "ablation.json").read_text())["longer_budget"][0]["longer"]["rsum"] == 320
+
+
 def test_the_small_objects_set_changes_the_images_and_the_tower_together(tmp_path):
     study = study_main()
     config = study.run_config("scta", "small_objects", 1e-3, 0, tmp_path, {"vision_config": {"model_type": "vit"}})
