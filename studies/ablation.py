@@ -26,9 +26,9 @@ Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
   rsum, whether dev recall was still rising at the end, and the training and evaluation time per run. Runs go
   `--jobs` at a time, each with `--threads` CPU threads.
 
-Writes `ablation.json`, `ablation.md` and `ablation_recall.png` into `--output` (default `outputs/ablation/report`,
-not in git; the committed report in bench/results is replaced only when named explicitly); run folders go to
-`--runs_dir` (default `outputs/ablation`). `--override KEY JSON` changes a run setting for a smaller study: the
+Writes `ablation.json`, `ablation.md`, `ablation_recall.png` and `ablation_dev_curves.png` into `--output`
+(default `outputs/ablation/report`, not in git; the committed report in bench/results is replaced only when named
+explicitly); run folders go to `--runs_dir` (default `outputs/ablation`). `--override KEY JSON` changes a run setting for a smaller study: the
 overrides are recorded in every run's config and in the report, and runs made with other overrides live in other
 folders (the folder name carries a hash of the overrides), so a study never averages runs of different settings.
 Arguments are checked before any training; a report of zero finished runs is refused.
@@ -426,6 +426,7 @@ def report(
     (output / "ablation.md").write_text(text + "\n", encoding="utf-8")
     print(text)
     plot(groups, datasets, methods, output / "ablation_recall.png", overrides)
+    plot_dev_curves(runs_dir, chosen, output / "ablation_dev_curves.png", overrides)
 
 
 def plot(groups: dict, datasets: list[str], methods: list[str], path: Path, overrides: dict | None = None) -> None:
@@ -434,7 +435,8 @@ def plot(groups: dict, datasets: list[str], methods: list[str], path: Path, over
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    datasets = [d for d in datasets if any(f"{d} / {LABELS[m]}" in groups for m in methods)]  # sets with data
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     for axis, direction, title in zip(axes, ("i2t", "t2i"), ("image → text", "text → image")):
         for offset, method in enumerate(methods):
             points = [
@@ -444,17 +446,19 @@ def plot(groups: dict, datasets: list[str], methods: list[str], path: Path, over
             ]
             if not points:
                 continue
-            x = [index + (offset - (len(methods) - 1) / 2) * 0.06 for index, _ in points]  # dodge the error bars
+            x = [index + (offset - (len(methods) - 1) / 2) * 0.1 for index, _ in points]  # dodge the error bars
+            seeds = sorted({p["n"] for _, p in points})
             axis.errorbar(
                 x,
                 [p["mean"] for _, p in points],
                 yerr=[p["std"] or 0.0 for _, p in points],
                 marker="o",
                 capsize=4,
-                label=LABELS[method],
+                label=f"{LABELS[method]} ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})",
             )
         axis.set_xticks(range(len(datasets)), datasets)
-        axis.set_xlabel("synthetic set (caption redundancy, or small objects with 64 patches)")
+        axis.set_xlim(-0.5, len(datasets) - 0.5)
+        axis.set_xlabel("synthetic set")
         axis.set_title(f"test R@1, {title}")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("R@1 (%), mean ± std over seeds")
@@ -465,6 +469,44 @@ def plot(groups: dict, datasets: list[str], methods: list[str], path: Path, over
         )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    logger.info("wrote %s", path)
+
+
+def plot_dev_curves(runs_dir: Path, chosen: dict[str, float], path: Path, overrides: dict | None = None) -> None:
+    """Dev rsum of the head along training: every method's tuned run, and its longer-budget run if trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 4.4))
+    for index, (method, learning_rate) in enumerate(chosen.items()):
+        if method not in METHODS:
+            continue
+        colour = f"C{index}"
+        for budget_overrides, style, suffix in (
+            (overrides, "-", ""),
+            (longer_overrides(overrides), "--", f", {LONGER_BUDGET_FACTOR}x budget"),
+        ):
+            curve = dev_curve(run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, budget_overrides))
+            if curve:
+                steps, rsums = zip(*curve)
+                axis.plot(
+                    steps,
+                    rsums,
+                    style,
+                    color=colour,
+                    marker="o",
+                    label=f"{LABELS[method]}, lr {learning_rate:g}{suffix}",
+                )
+    axis.set_xlabel("training step")
+    axis.set_ylabel("dev rsum of the head (max 600)")
+    axis.set_title(f"Dev recall along training ({TUNING_DATASET} set, seed {TUNING_SEED}, tuned learning rates)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
     logger.info("wrote %s", path)
 
 

@@ -292,6 +292,7 @@ def test_a_run_still_rising_at_its_end_is_trained_again_longer_and_reported_besi
     text = (tmp_path / "report" / "ablation.md").read_text()
     assert "Longer budget (2x the schedule" in text and "300.0 → 380.0 → 400.0 → 401.0" in text
     assert json.loads((tmp_path / "report" / "ablation.json").read_text())["longer_budget"][0]["longer"]["rsum"] == 320
+    assert (tmp_path / "report" / "ablation_dev_curves.png").stat().st_size > 10_000
 
 
 def test_the_small_objects_set_changes_the_images_and_the_tower_together(tmp_path):
