@@ -214,6 +214,23 @@ def test_search_benchmark_runs_at_tiny_shapes(tmp_path, one_thread):
     assert results["server"]["queries_per_second_4_clients"] > 0 and results["server"]["http_query_seconds"] > 0
 
 
+def test_selection_ties_flag_pairs_whose_kept_patches_rounding_may_change():
+    """The cross-check explains the trained model's few differing pairs by ties in patch selection: flagged when
+    the K-th and (K+1)-th selection scores coincide, not otherwise."""
+    import crosscheck_published
+
+    head = crosscheck_published.make_head(crosscheck_published.SHAPES["demo"], word_aggregation=True, seed=0).eval()
+    torch.manual_seed(0)
+    images = torch.randn(3, 1 + head.num_patches, 128)
+    images[1, 1:] = images[1, 1]  # every patch of image 1 the same: all its selection scores are equal
+    text = torch.randn(5, 9, 128)
+    with torch.no_grad():
+        captions = head.caption_key_tokens(text, torch.ones(5, 9, dtype=torch.long))
+        ties = crosscheck_published.selection_ties(head, images, captions, chunk=2)
+    assert ties.shape == (3, 5)
+    assert ties[1].all() and not ties[[0, 2]].any()
+
+
 @requires_published_code
 def test_the_head_and_loss_equal_the_published_codes():
     """SCTA and LAPS modes score exactly as the published heads with the same weights (float64: to rounding), at
