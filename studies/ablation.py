@@ -29,9 +29,10 @@ Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
 
 Writes `ablation.json`, `ablation.md`, `ablation_recall.png` and `ablation_dev_curves.png` into `--output`
 (default `outputs/ablation/report`, not in git; the committed report in bench/results is replaced only when named
-explicitly); run folders go to `--runs_dir` (default `outputs/ablation`). `--override KEY JSON` changes a run setting for a smaller study: the
-overrides are recorded in every run's config and in the report, and runs made with other overrides live in other
-folders (the folder name carries a hash of the overrides), so a study never averages runs of different settings.
+explicitly); run folders go to `--runs_dir` (default `outputs/ablation`). `--override KEY JSON` changes a run
+setting for a smaller study: the overrides are recorded in every run's config and in the report, and runs made with
+other overrides live in other folders (the folder name carries a hash of the overrides), so a study never averages
+runs of different settings.
 Arguments are checked before any training; a report of zero finished runs is refused.
 """
 
