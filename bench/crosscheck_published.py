@@ -292,7 +292,8 @@ def trained_model_recall(cross_net, args) -> list[dict]:
     with torch.no_grad():
         batched = encode_caption_corpus(model, captions_view, 128, "cpu", processor.tokenizer.pad_token_id)[0]
         # the same per-caption tokens for both heads, so that only the heads differ
-        ours = head(image_tokens, text_tokens, mask).float()
+        captions = head.caption_key_tokens(text_tokens, mask)  # once, for the scores and the selection ties
+        ours = head.score(image_tokens, captions).float()
         variants = [
             ("this project's head", ours),
             ("this project, SCTAModel.score (captions encoded in batches)", model.score(image_tokens, batched).float()),
@@ -304,7 +305,7 @@ def trained_model_recall(cross_net, args) -> list[dict]:
             variants.append(
                 ("published head as published (random caption layer)", net(image_tokens, text_tokens, lengths))
             )
-        ties = selection_ties(head, image_tokens, head.caption_key_tokens(text_tokens, mask))
+        ties = selection_ties(head, image_tokens, captions)
     for name, scores in variants:
         metrics = retrieval_metrics(scores, caption_to_image)
         differing = (scores - ours).abs() > DIFFERING

@@ -297,13 +297,25 @@ def longer_overrides(overrides: dict | None = None) -> dict:
     return longer
 
 
+def tuned_run_dirs(runs_dir: Path, chosen: dict[str, float], overrides: dict | None = None) -> dict[str, dict]:
+    """Per tuned method of `chosen`: the folders of its tuning run at the chosen rate, `{"base": ..., "longer": ...}`
+    (the longer-budget run's folder whether or not it was trained)."""
+    budgets = (("base", overrides), ("longer", longer_overrides(overrides)))
+    return {
+        method: {
+            budget: run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, budget_overrides)
+            for budget, budget_overrides in budgets
+        }
+        for method, learning_rate in chosen.items()
+        if method in METHODS
+    }
+
+
 def longer_jobs(runs_dir: Path, chosen: dict[str, float], overrides: dict | None = None) -> list[tuple]:
     """A longer-budget job for every method whose chosen tuning run was still rising at its end."""
     jobs = []
-    for method, learning_rate in chosen.items():
-        if method not in METHODS:
-            continue
-        tuned = run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, overrides)
+    for method, runs in tuned_run_dirs(runs_dir, chosen, overrides).items():
+        learning_rate, tuned = chosen[method], runs["base"]
         if is_finished(tuned) and still_rising([tuned]):
             logger.info(
                 "%s: dev recall still rising at the end; trained again %dx longer", method, LONGER_BUDGET_FACTOR
@@ -315,16 +327,10 @@ def longer_jobs(runs_dir: Path, chosen: dict[str, float], overrides: dict | None
 def longer_budget_rows(runs_dir: Path, chosen: dict[str, float], overrides: dict | None = None) -> list[dict]:
     """The finished longer-budget runs beside the tuned runs they extend."""
     rows = []
-    for method, learning_rate in chosen.items():
-        if method not in METHODS:
-            continue
-        runs = {
-            budget: run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, budget_overrides)
-            for budget, budget_overrides in (("base", overrides), ("longer", longer_overrides(overrides)))
-        }
+    for method, runs in tuned_run_dirs(runs_dir, chosen, overrides).items():
         if not all(is_finished(folder) for folder in runs.values()):
             continue
-        row = {"method": method, "learning_rate": learning_rate}
+        row = {"method": method, "learning_rate": chosen[method]}
         for budget, folder in runs.items():
             results, curve = load_run_results(folder), dev_curve(folder)
             row[budget] = {
@@ -487,15 +493,12 @@ def plot_dev_curves(runs_dir: Path, chosen: dict[str, float], path: Path, overri
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 4.4))
-    for index, (method, learning_rate) in enumerate(chosen.items()):
-        if method not in METHODS:
-            continue
-        colour = f"C{index}"
-        for budget_overrides, style, suffix in (
-            (overrides, "-", ""),
-            (longer_overrides(overrides), "--", f", {LONGER_BUDGET_FACTOR}x budget"),
-        ):
-            curve = dev_curve(run_dir(runs_dir, method, TUNING_DATASET, learning_rate, TUNING_SEED, budget_overrides))
+    styles = {"base": ("-", ""), "longer": ("--", f", {LONGER_BUDGET_FACTOR}x budget")}
+    for index, (method, runs) in enumerate(tuned_run_dirs(runs_dir, chosen, overrides).items()):
+        colour, learning_rate = f"C{index}", chosen[method]
+        for budget, folder in runs.items():
+            style, suffix = styles[budget]
+            curve = dev_curve(folder)
             if curve:
                 steps, rsums = zip(*curve)
                 axis.plot(
