@@ -43,6 +43,15 @@ COLLAPSE_SPREAD = 1e-4
 COLLAPSE_STEPS_TO_WARN = 20
 
 
+def batch_recall_at_1(scores: torch.Tensor, image_ids: torch.Tensor) -> float:
+    """In-batch R@1 of a `(pairs, pairs)` score matrix, the mean of both directions: the share of rows (images)
+    whose best column shows the same image, and of columns (captions) whose best row does."""
+    same_image = image_ids[:, None] == image_ids[None, :]
+    image_to_text = same_image.gather(1, scores.argmax(1, keepdim=True)).float().mean()
+    text_to_image = same_image.gather(0, scores.argmax(0, keepdim=True)).float().mean()
+    return float(image_to_text + text_to_image) / 2
+
+
 def warmup_step_decay(step: int, warmup_steps: int, decay_steps: list[int], decay_factor: float) -> float:
     """Learning-rate multiplier at `step`: `step / warmup_steps` during the warmup, x `decay_factor` per decay step passed."""
     warmup = step / warmup_steps if step < warmup_steps else 1.0
@@ -77,6 +86,7 @@ class SCTATrainer(Trainer):
         self.consecutive_collapsed_steps = 0
         self.loss_steps = 0
         self.first_stage_losses: list[float] = []  # the adapter's losses since the last log
+        self.batch_recalls: list[float] = []  # in-batch R@1 of the steps since the last log
         self.choose_fusion_weight = choose_fusion_weight
         self.retrieval_results: dict[str, dict] = {}  # metrics of every evaluated split, for the model card
 
@@ -158,7 +168,7 @@ class SCTATrainer(Trainer):
         image_ids = inputs.pop("image_ids")
         self._count_steps_without_negatives(image_ids)
         outputs = model(**inputs)  # through the DDP wrapper: the local tokens and the local block of scores
-        self._watch_collapse(outputs.logits_per_image)
+        self._watch_collapse(outputs.logits_per_image, image_ids)
         epoch = self.state.epoch or 0.0
         hardest_negative = epoch >= self.args.vse_mean_warmup_epochs
         unwrapped = self.accelerator.unwrap_model(model)
@@ -226,14 +236,16 @@ class SCTATrainer(Trainer):
                 "several images: raise --per_device_train_batch_size, or use more images (--max_train_images)."
             )
 
-    def _watch_collapse(self, scores: torch.Tensor) -> None:
+    def _watch_collapse(self, scores: torch.Tensor, image_ids: torch.Tensor) -> None:
         """
         A model whose scores are all equal across the batch has collapsed: the hinge loss is then exactly
         `2 x batch x margin` (InfoNCE: `log(batch)`) and its gradient carries no ranking signal. Such steps are
         counted (`collapsed_steps` in the logs), and a warning says so after `COLLAPSE_STEPS_TO_WARN` in a row (once
-        per episode).
+        per episode). The in-batch R@1 of every step (this process's pairs, both directions) is logged as
+        `batch_r1`.
         """
         scores = scores.detach().float()
+        self.batch_recalls.append(batch_recall_at_1(scores, image_ids))
         spread = float(scores.max() - scores.min())
         if spread > COLLAPSE_SPREAD * max(1.0, float(scores.abs().max())):
             self.consecutive_collapsed_steps = 0
@@ -271,6 +283,9 @@ class SCTATrainer(Trainer):
             logs["nonfinite_loss_steps"] = self.nonfinite_loss_steps
             logs["steps_without_negatives"] = self.steps_without_negatives
             logs["collapsed_steps"] = self.collapsed_steps
+            if self.batch_recalls:
+                logs["batch_r1"] = round(100 * sum(self.batch_recalls) / len(self.batch_recalls), 2)
+                self.batch_recalls = []
             if self.first_stage_losses:
                 logs["first_stage_loss"] = round(sum(self.first_stage_losses) / len(self.first_stage_losses), 4)
                 self.first_stage_losses = []

@@ -151,6 +151,8 @@ def test_training_with_the_adapter_leaves_the_model_bit_identical(synthetic_dir,
     assert saved["fusion_weight"] == with_adapter["eval_fusion_weight"] in FUSION_WEIGHT_GRID
     state = json.loads((tmp_path / "linear" / "trainer_state.json").read_text())
     assert any("first_stage_loss" in entry for entry in state["log_history"])
+    training_logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert training_logs and all(0 <= entry["batch_r1"] <= 100 for entry in training_logs)  # in-batch R@1, %
 
 
 @pytest.mark.slow

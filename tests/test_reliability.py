@@ -246,11 +246,32 @@ def test_a_collapse_is_counted_and_reported_once_per_episode(caplog):
 
     trainer = SCTATrainer.__new__(SCTATrainer)  # only the collapse watch's state
     trainer.collapsed_steps = trainer.consecutive_collapsed_steps = 0
+    trainer.batch_recalls = []
     trainer.state = types.SimpleNamespace(global_step=512)
+    image_ids = torch.arange(64)
     with caplog.at_level("WARNING"):
         for _ in range(COLLAPSE_STEPS_TO_WARN + 5):
-            trainer._watch_collapse(torch.full((64, 64), 0.37) + 1e-7 * torch.rand(64, 64))
+            trainer._watch_collapse(torch.full((64, 64), 0.37) + 1e-7 * torch.rand(64, 64), image_ids)
     assert trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5
     assert caplog.text.count("has collapsed") == 1 and "Step 512" in caplog.text
-    trainer._watch_collapse(torch.rand(64, 64))  # a normal step: the episode ends
+    trainer._watch_collapse(torch.rand(64, 64), image_ids)  # a normal step: the episode ends
     assert trainer.consecutive_collapsed_steps == 0 and trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5
+
+
+def test_batch_recall_counts_any_caption_of_the_same_image_as_a_hit():
+    """In-batch R@1 (logged as batch_r1): pairs 0 and 1 show one image, so either caption is right for it; a row
+    whose best column shows another image is a miss; both directions are averaged."""
+    from scta_train.trainer import batch_recall_at_1
+
+    image_ids = torch.tensor([7, 7, 3, 5])
+    scores = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0],  # image 7: best caption is pair 1's, also image 7: a hit
+            [0.9, 0.1, 0.0, 0.0],  # a hit
+            [0.0, 0.0, 0.2, 0.8],  # image 3: best caption shows image 5: a miss
+            [0.0, 0.0, 0.1, 0.9],  # a hit
+        ]
+    )
+    # images -> captions: 3 of 4; captions -> images (column argmax): rows 1, 0, 2, 3: hit, hit, hit, hit
+    assert batch_recall_at_1(scores, image_ids) == pytest.approx((3 / 4 + 4 / 4) / 2)
+    assert batch_recall_at_1(torch.eye(4), torch.arange(4)) == 1.0
