@@ -168,7 +168,8 @@ class SCTATrainer(Trainer):
         image_ids = inputs.pop("image_ids")
         self._count_steps_without_negatives(image_ids)
         outputs = model(**inputs)  # through the DDP wrapper: the local tokens and the local block of scores
-        self._watch_collapse(outputs.logits_per_image, image_ids)
+        self._watch_collapse(outputs.logits_per_image)
+        self.batch_recalls.append(batch_recall_at_1(outputs.logits_per_image.detach(), image_ids))
         epoch = self.state.epoch or 0.0
         hardest_negative = epoch >= self.args.vse_mean_warmup_epochs
         unwrapped = self.accelerator.unwrap_model(model)
@@ -236,16 +237,15 @@ class SCTATrainer(Trainer):
                 "several images: raise --per_device_train_batch_size, or use more images (--max_train_images)."
             )
 
-    def _watch_collapse(self, scores: torch.Tensor, image_ids: torch.Tensor) -> None:
+    def _watch_collapse(self, scores: torch.Tensor) -> None:
         """
         A model whose scores are all equal across the batch has collapsed: the hinge loss is then exactly
         `2 x batch x margin` (InfoNCE: `log(batch)`) and its gradient carries no ranking signal. Such steps are
         counted (`collapsed_steps` in the logs), and a warning says so after `COLLAPSE_STEPS_TO_WARN` in a row (once
-        per episode). The in-batch R@1 of every step (this process's pairs, both directions) is logged as
-        `batch_r1`.
+        per episode). The in-batch R@1 logged beside the loss (`batch_r1`) tells a collapse (near chance) from a
+        plateau of the hinge at that value while the model still ranks.
         """
         scores = scores.detach().float()
-        self.batch_recalls.append(batch_recall_at_1(scores, image_ids))
         spread = float(scores.max() - scores.min())
         if spread > COLLAPSE_SPREAD * max(1.0, float(scores.abs().max())):
             self.consecutive_collapsed_steps = 0

@@ -396,9 +396,12 @@ def report(
     ]
     for method, dev in tuning.items():
         cells = [f"{dev[lr]:.1f}" if lr in dev else "" for lr in rates]
-        edge = " (at an edge of the grid)" if dev and chosen[method] in (min(dev), max(dev)) else ""
         if len(dev) < len(LEARNING_RATES):
             edge = f" (grid unfinished: {len(dev)} of at least {len(LEARNING_RATES)} rates)"
+        elif chosen[method] in (min(dev), max(dev)):
+            edge = " (at an edge of the grid)"
+        else:
+            edge = ""
         tuning_lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {chosen[method]:g}{edge} |")
     time_lines = [
         "| run | training (s) | test evaluation (s) | seeds | dev still rising at the end |",

@@ -246,15 +246,13 @@ def test_a_collapse_is_counted_and_reported_once_per_episode(caplog):
 
     trainer = SCTATrainer.__new__(SCTATrainer)  # only the collapse watch's state
     trainer.collapsed_steps = trainer.consecutive_collapsed_steps = 0
-    trainer.batch_recalls = []
     trainer.state = types.SimpleNamespace(global_step=512)
-    image_ids = torch.arange(64)
     with caplog.at_level("WARNING"):
         for _ in range(COLLAPSE_STEPS_TO_WARN + 5):
-            trainer._watch_collapse(torch.full((64, 64), 0.37) + 1e-7 * torch.rand(64, 64), image_ids)
+            trainer._watch_collapse(torch.full((64, 64), 0.37) + 1e-7 * torch.rand(64, 64))
     assert trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5
     assert caplog.text.count("has collapsed") == 1 and "Step 512" in caplog.text
-    trainer._watch_collapse(torch.rand(64, 64), image_ids)  # a normal step: the episode ends
+    trainer._watch_collapse(torch.rand(64, 64))  # a normal step: the episode ends
     assert trainer.consecutive_collapsed_steps == 0 and trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5
 
 
