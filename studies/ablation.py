@@ -7,7 +7,8 @@ and InfoNCE), trained from scratch at the demo's full budget on synthetic sets o
 
 Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
 - every run: the demo's towers, head, data and full schedule (`configs/demo_synthetic.json`, 1,600 steps), the
-  head's dev recall logged every 400 steps (a run still rising at its end is flagged in the report), one training
+  paper's hinge unless the method names InfoNCE (the demo itself trains with InfoNCE), the head's dev recall
+  logged every 400 steps (a run still rising at its end is flagged in the report), one training
   seed; the synthetic set itself is always generated with seed 0, so seeds vary initialisation and batch order only;
 - data (`DATASETS`): caption redundancy `none`, `default` and `heavy` (images unchanged), and `small_objects`:
   128-px images, 64 patches, objects at half size so that a small one fits inside one patch (selection then has
@@ -62,6 +63,8 @@ STUDY_SETTINGS = {
     # (the paper's protocol), without the first-stage adapter (it never changes the head)
     "ranking": "head",
     "rerank_top_k": 0,
+    # the paper's loss unless a method names another (the demo itself trains with InfoNCE)
+    "training_loss": "hinge",
     "first_stage_adapter": "none",
     "first_stage_epochs": 0,
     "eval_strategy": "steps",  # the dev curve, to see whether a run is still rising at its end

@@ -304,6 +304,22 @@ def test_the_small_objects_set_changes_the_images_and_the_tower_together(tmp_pat
     assert study.run_config("laps", "none", 1e-3, 0, tmp_path)["vision_config"] == demo["vision_config"]
 
 
+def test_each_method_trains_with_its_own_loss_whatever_the_demo_config_says(tmp_path):
+    study = study_main()
+    losses = {
+        method: study.run_config(method, "default", 1e-3, 0, tmp_path)["training_loss"] for method in study.METHODS
+    }
+    assert losses == {
+        "scta": "hinge",
+        "laps": "hinge",
+        "scta_image_selection": "hinge",
+        "global": "hinge",
+        "global_infonce": "infonce",
+        "laps_infonce": "infonce",
+    }
+    assert study.run_config("scta_minilm", "default", 1e-3, 0, tmp_path)["training_loss"] == "hinge"
+
+
 def study_main():
     spec = importlib.util.spec_from_file_location("ablation_study", os.path.join(REPO, "studies", "ablation.py"))
     module = importlib.util.module_from_spec(spec)
