@@ -28,9 +28,17 @@ Protocol (README "Does key-token alignment pay?", bench/RESULTS.md section 5):
   rsum, whether dev recall was still rising at the end, and the training and evaluation time per run. Runs go
   `--jobs` at a time, each with `--threads` CPU threads.
 
-Writes `ablation.json`, `ablation.md`, `ablation_recall.png` and `ablation_dev_curves.png` into `--output`
-(default `outputs/ablation/report`, not in git; the committed report in bench/results is replaced only when named
-explicitly); run folders go to `--runs_dir` (default `outputs/ablation`). `--override KEY JSON` changes a run
+Writes `ablation.json`, `ablation.md` (with a table of every finished run), `ablation_recall.png` and
+`ablation_dev_curves.png` into `--output` (default `outputs/ablation/report`, not in git; the committed report in
+bench/results is replaced only when named explicitly); run folders go to `--runs_dir` (default `outputs/ablation`).
+`--work_dir DIR` sends the trainings (models, checkpoints, logs) to DIR instead and keeps in `--runs_dir` only each
+finished run's record: its config, `all_results.json` and `trainer_state.json`, all the report reads, a few kB a run,
+small enough for git; a study resumes from its records on any machine:
+
+    python studies/ablation.py --runs_dir bench/results/ablation_v2/records --work_dir outputs/ablation \
+        --output bench/results/ablation_v2
+
+`--override KEY JSON` changes a run
 setting for a smaller study: the overrides are recorded in every run's config and in the report, and runs made with
 other overrides live in other folders (the folder name carries a hash of the overrides), so a study never averages
 runs of different settings.
@@ -171,40 +179,78 @@ def is_finished(folder: Path) -> bool:
     return "test_rsum" in load_run_results(folder)  # malformed JSON: a ValueError naming the file
 
 
-def train(job: tuple, runs_dir: Path, threads: int, overrides: dict | None = None) -> Path:
+# what a run's record holds beside its config: all the report reads; all_results.json last, since it marks a run finished
+RECORD_FILES = ("trainer_state.json", "all_results.json")
+
+
+def train(
+    job: tuple, runs_dir: Path, threads: int, overrides: dict | None = None, work_dir: Path | None = None
+) -> Path:
+    """Train one run unless it is finished; its folder in `runs_dir`. With a `work_dir`, the training writes there and
+    the run folder receives only the run's record (`keep_record`)."""
     method, dataset, learning_rate, seed = job
     folder = run_dir(runs_dir, method, dataset, learning_rate, seed, overrides)
     if is_finished(folder):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    config_path = folder.parent / f"{folder.name}.json"  # beside the run folder, which the run may recreate
-    config_path.write_text(
-        json.dumps(run_config(method, dataset, learning_rate, seed, folder, overrides), indent=2), encoding="utf-8"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    log_path = folder.parent / f"{folder.name}.log"
-    start = time.perf_counter()
-    logger.info("start  %s", folder.relative_to(runs_dir))
-    with open(log_path, "w", encoding="utf-8") as log:
-        completed = subprocess.run(
-            [sys.executable, str(REPO / "run_retrieval.py"), str(config_path)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+    output = run_dir(work_dir or runs_dir, method, dataset, learning_rate, seed, overrides)
+    if not is_finished(output):  # a training finished before its record was kept is not trained again
+        output.mkdir(parents=True, exist_ok=True)
+        config_path = output.parent / f"{output.name}.json"  # beside the run folder, which the run may recreate
+        config_path.write_text(
+            json.dumps(run_config(method, dataset, learning_rate, seed, output, overrides), indent=2), encoding="utf-8"
         )
-    if completed.returncode != 0 or not is_finished(folder):
-        raise RuntimeError(f"run {folder} failed (exit {completed.returncode}); its log: {log_path}")
-    logger.info("done   %s in %.0f s", folder.relative_to(runs_dir), time.perf_counter() - start)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        log_path = output.parent / f"{output.name}.log"
+        start = time.perf_counter()
+        logger.info("start  %s", output.relative_to(work_dir or runs_dir))
+        with open(log_path, "w", encoding="utf-8") as log:
+            completed = subprocess.run(
+                [sys.executable, str(REPO / "run_retrieval.py"), str(config_path)],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if completed.returncode != 0 or not is_finished(output):
+            raise RuntimeError(f"run {output} failed (exit {completed.returncode}); its log: {log_path}")
+        logger.info("done   %s in %.0f s", output.relative_to(work_dir or runs_dir), time.perf_counter() - start)
+    if output != folder:
+        keep_record(output, folder)
     return folder
 
 
-def run_all(jobs: list[tuple], runs_dir: Path, parallel: int, threads: int, overrides: dict | None = None) -> None:
+def keep_record(output: Path, folder: Path) -> None:
+    """Copy a finished training's record into its run folder: the config (its `output_dir` relative to the
+    repository when inside it) and `RECORD_FILES`, each written whole before it takes its name, the results last, so
+    that a killed copy never reads as a finished run."""
+    config = json.loads((output.parent / f"{output.name}.json").read_text(encoding="utf-8"))
+    trained_in = Path(config["output_dir"]).resolve()
+    if trained_in.is_relative_to(REPO):
+        config["output_dir"] = trained_in.relative_to(REPO).as_posix()
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = [(json.dumps(config, indent=2), folder.parent / f"{folder.name}.json")]
+    copies += [((output / name).read_text(encoding="utf-8"), folder / name) for name in RECORD_FILES]
+    for text, target in copies:
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, target)
+    logger.info("record %s", folder)
+
+
+def run_all(
+    jobs: list[tuple],
+    runs_dir: Path,
+    parallel: int,
+    threads: int,
+    overrides: dict | None = None,
+    work_dir: Path | None = None,
+) -> None:
     """Train `jobs`, `parallel` at a time; a job is (method, dataset, learning rate, seed), or that and its own
     overrides in place of `overrides`."""
     with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
         futures = [
-            pool.submit(train, job[:4], runs_dir, threads, job[4] if len(job) > 4 else overrides) for job in jobs
+            pool.submit(train, job[:4], runs_dir, threads, job[4] if len(job) > 4 else overrides, work_dir)
+            for job in jobs
         ]
         for future in concurrent.futures.as_completed(futures):
             future.result()
@@ -236,11 +282,18 @@ def grid_extension(dev: dict[float, float]) -> float | None:
     return None
 
 
-def tune(methods: list[str], runs_dir: Path, parallel: int, threads: int, overrides: dict | None = None) -> None:
+def tune(
+    methods: list[str],
+    runs_dir: Path,
+    parallel: int,
+    threads: int,
+    overrides: dict | None = None,
+    work_dir: Path | None = None,
+) -> None:
     """Train each method's tuning grid, extending a grid whose best rate sits at an edge."""
     jobs = [(m, TUNING_DATASET, lr, TUNING_SEED) for m in methods for lr in LEARNING_RATES]
     while jobs:
-        run_all(jobs, runs_dir, parallel, threads, overrides)
+        run_all(jobs, runs_dir, parallel, threads, overrides, work_dir)
         jobs = []
         for method in methods:
             extension = grid_extension(tuning_results(runs_dir, method, overrides))
@@ -346,6 +399,61 @@ def longer_budget_rows(runs_dir: Path, chosen: dict[str, float], overrides: dict
     return rows
 
 
+def finished_runs(runs_dir: Path, methods: list[str], datasets: list[str], overrides: dict | None = None) -> list[dict]:
+    """Every finished run of these methods and sets under `runs_dir`, at the study's budget or the longer one (runs of
+    other overrides are another study's), in the order of `DATASETS`, `methods`, learning rate, budget and seed."""
+    budgets = {overrides_key(overrides): 1, overrides_key(longer_overrides(overrides)): LONGER_BUDGET_FACTOR}
+    rows = []
+    for dataset in (name for name in DATASETS if name in datasets):
+        for method in methods:
+            for folder in (runs_dir / dataset / method).glob("lr*-seed*"):
+                rate, _, rest = folder.name[2:].partition("-seed")
+                seed, _, key = rest.partition("-")
+                key = f"-{key}" if key else ""
+                if key not in budgets or not seed.isdigit() or not is_finished(folder):
+                    continue
+                results, curve = load_run_results(folder), dev_curve(folder)
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "method": method,
+                        "learning_rate": float(rate),
+                        "seed": int(seed),
+                        "budget": budgets[key],
+                        "steps": curve[-1][0] if curve else None,
+                        "dev_curve": curve,
+                        **{name: results.get(f"test_{name}") for name in METRICS},
+                    }
+                )
+    order = {name: index for index, name in enumerate(methods)}
+    return sorted(
+        rows,
+        key=lambda r: (
+            list(DATASETS).index(r["dataset"]),
+            order[r["method"]],
+            r["learning_rate"],
+            r["budget"],
+            r["seed"],
+        ),
+    )
+
+
+def every_run_table(rows: list[dict]) -> str:
+    lines = [
+        "Every finished run (test R@1 image → text / text → image, test rsum, dev rsum of the head along training)\n",
+        "| set | method | learning rate | seed | steps | test R@1 | test rsum | dev rsum along training |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        curve = " → ".join(f"{rsum:.1f}" for _, rsum in row["dev_curve"])
+        steps = f"{row['steps']:,}" if row["steps"] else ""
+        lines.append(
+            f"| {row['dataset']} | {LABELS[row['method']]} | {row['learning_rate']:g} | {row['seed']} | {steps} | "
+            f"{row['r1_i2t']:.1f} / {row['r1_t2i']:.1f} | {row['rsum']:.1f} | {curve} |"
+        )
+    return "\n".join(lines)
+
+
 def report(
     runs_dir: Path,
     methods: list[str],
@@ -375,6 +483,7 @@ def report(
         )
     tuning = {method: tuning_results(runs_dir, method, overrides) for method in chosen if method in METHODS}
     longer = longer_budget_rows(runs_dir, chosen, overrides)
+    every_run = finished_runs(runs_dir, methods, datasets, overrides)
     summary = {
         "protocol": {
             "study_settings": STUDY_SETTINGS,
@@ -388,6 +497,7 @@ def report(
         },
         "groups": {key: {**groups[key], **runtimes[key], "dev_still_rising": rising[key]} for key in groups},
         "longer_budget": longer,
+        "runs": every_run,
     }
     output.mkdir(parents=True, exist_ok=True)
     (output / "ablation.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -440,6 +550,7 @@ def report(
             "Tuning: dev rsum at seed 0 on the default set, by learning rate\n\n" + "\n".join(tuning_lines),
             "\n".join(time_lines),
             *(["\n".join(longer_lines)] if longer else []),
+            every_run_table(every_run),
         ]
     )
     (output / "ablation.md").write_text(text + "\n", encoding="utf-8")
@@ -567,7 +678,19 @@ def parse_overrides(parser, pairs: list[list[str]]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs_dir", type=Path, default=REPO / "outputs" / "ablation")
+    parser.add_argument(
+        "--runs_dir",
+        type=Path,
+        default=REPO / "outputs" / "ablation",
+        help="the run folders (default outputs/ablation)",
+    )
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help="where the trainings write (models, checkpoints, logs); --runs_dir then keeps each finished run's record "
+        "only: its config, results and training history (default: the trainings write into --runs_dir)",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -619,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         start = time.perf_counter()
         tuned = [m for m in args.methods if m in METHODS]
-        tune(tuned, args.runs_dir, args.jobs, args.threads, overrides)
+        tune(tuned, args.runs_dir, args.jobs, args.threads, overrides, args.work_dir)
         chosen = pick_learning_rates(args.runs_dir, args.methods, overrides)
         jobs = [
             (m, dataset, chosen[m], seed)
@@ -646,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
         for job in jobs:
             if job not in unique:
                 unique.append(job)
-        run_all(unique, args.runs_dir, args.jobs, args.threads, overrides)
+        run_all(unique, args.runs_dir, args.jobs, args.threads, overrides, args.work_dir)
         logger.info("study finished in %.1f min", (time.perf_counter() - start) / 60)
     datasets = [dataset for dataset in DATASETS if dataset in {*args.datasets, *args.pretrained_text_datasets}]
     report(args.runs_dir, args.methods, datasets, args.seeds, args.output, overrides)

@@ -199,6 +199,8 @@ def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
         "studies/ablation.py",
         "--runs_dir",
         str(tmp_path / "runs"),
+        "--work_dir",
+        str(tmp_path / "work"),
         "--output",
         str(tmp_path / "report"),
         "--methods",
@@ -238,9 +240,44 @@ def test_the_ablation_study_runs_resumes_and_reports(tmp_path, synthetic_dir):
     assert group["rsum"]["n"] == 2 and group["rsum"]["seeds"] == [0, 1]
     assert (tmp_path / "report" / "ablation_recall.png").stat().st_size > 10_000
     assert "± " in (tmp_path / "report" / "ablation.md").read_text()
-    # resumable: a second call trains nothing
+    # every finished run in the report's table, each at its own rate and seed
+    every_run = report["runs"]
+    assert len(every_run) == len(runs) and {row["budget"] for row in every_run} == {1}
+    assert sorted((row["method"], row["learning_rate"], row["seed"]) for row in every_run) == sorted(
+        (run.split("/")[1], float(run.split("/")[2][2:].partition("-seed")[0]), int(run.split("-seed")[1][0]))
+        for run in runs
+    )
+    assert "Every finished run" in (tmp_path / "report" / "ablation.md").read_text()
+    # the trainings wrote into --work_dir; a run folder holds its record only, and its config beside it
+    for run in runs:
+        assert sorted(p.name for p in (tmp_path / "runs" / run).iterdir()) == ["all_results.json", "trainer_state.json"]
+        assert (tmp_path / "work" / run / "model.safetensors").is_file()
+        recorded = json.loads((tmp_path / "runs" / f"{run}.json").read_text())
+        assert recorded["output_dir"] == str(tmp_path / "work" / run)  # outside the repository: kept absolute
+    # resumable from the records alone, on a machine without the trainings: a second call trains nothing
+    shutil.rmtree(tmp_path / "work")
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and " start " not in second.stderr
+    assert json.loads((tmp_path / "report" / "ablation.json").read_text())["groups"] == report["groups"]
+
+
+def test_a_training_finished_before_its_record_was_kept_is_recorded_not_trained_again(tmp_path, monkeypatch):
+    study = study_main()
+    runs, work = tmp_path / "runs", tmp_path / "work"
+    output = study.run_dir(work, "scta", "default", 5e-4, 0)
+    fake_study_run(output, 0, [300.0, 400.0], 450.0)
+    config = study.run_config("scta", "default", 5e-4, 0, study.REPO / "outputs" / "x", None)
+    (output.parent / f"{output.name}.json").write_text(json.dumps(config))
+    monkeypatch.setattr(study.subprocess, "run", lambda *a, **k: pytest.fail("a finished training ran again"))
+    folder = study.train(("scta", "default", 5e-4, 0), runs, 1, None, work)
+    assert folder == study.run_dir(runs, "scta", "default", 5e-4, 0) and study.is_finished(folder)
+    assert study.dev_curve(folder) == [(400, 300.0), (800, 400.0)]
+    assert not list(runs.rglob("*.partial"))
+    # a path inside the repository is recorded relative to it, so that records read the same on any machine
+    assert json.loads((runs / "default" / "scta" / "lr0.0005-seed0.json").read_text())["output_dir"] == "outputs/x"
+    # a record whose results were never written (a killed copy) is not a finished run
+    (folder / "all_results.json").unlink()
+    assert not study.is_finished(folder)
 
 
 def test_the_tuning_grid_grows_past_an_edge_and_stops():
