@@ -139,6 +139,7 @@ def run(model_args, data_args, training_args) -> dict[str, float]:
             nonfinite_loss_steps=trainer.nonfinite_loss_steps,
             steps_without_negatives=trainer.steps_without_negatives,
             collapsed_steps=trainer.collapsed_steps,
+            chance_ranking_steps=trainer.chance_ranking_steps,
             **seed,
         )
         trainer.log_metrics("train", train_metrics)

@@ -1,6 +1,7 @@
 """The `Trainer` of SCTA: optimiser and schedule, the loss over the global batch, retrieval evaluation, checkpoints."""
 
 import bisect
+import collections
 import functools
 import json
 import logging
@@ -41,6 +42,10 @@ NO_NEGATIVE_STEPS_TO_STOP = 10
 # A collapse: every score of the batch equal (to this relative spread) for this many steps in a row (_watch_collapse).
 COLLAPSE_SPREAD = 1e-4
 COLLAPSE_STEPS_TO_WARN = 20
+# A collapse of the ranking (_watch_ranking): over the last COLLAPSE_STEPS_TO_WARN steps the in-batch R@1 at most this
+# many times chance, in a run that had once ranked a batch above LEARNED_RANKING_FACTOR times chance.
+CHANCE_RANKING_FACTOR = 2.0
+LEARNED_RANKING_FACTOR = 10.0
 
 
 def batch_recall_at_1(scores: torch.Tensor, image_ids: torch.Tensor) -> float:
@@ -50,6 +55,12 @@ def batch_recall_at_1(scores: torch.Tensor, image_ids: torch.Tensor) -> float:
     image_to_text = same_image.gather(1, scores.argmax(1, keepdim=True)).float().mean()
     text_to_image = same_image.gather(0, scores.argmax(0, keepdim=True)).float().mean()
     return float(image_to_text + text_to_image) / 2
+
+
+def batch_chance_recall(image_ids: torch.Tensor) -> float:
+    """The in-batch R@1 of a ranking at random (`batch_recall_at_1`'s expectation for scores that carry no
+    information): the share of (row, column) pairs that show the same image, about 1 / batch."""
+    return float((image_ids[:, None] == image_ids[None, :]).float().mean())
 
 
 def warmup_step_decay(step: int, warmup_steps: int, decay_steps: list[int], decay_factor: float) -> float:
@@ -84,6 +95,10 @@ class SCTATrainer(Trainer):
         self.steps_without_negatives = 0  # batches whose pairs all show one image
         self.collapsed_steps = 0  # steps whose scores were all equal (a collapsed model), over the run
         self.consecutive_collapsed_steps = 0
+        self.chance_ranking_steps = 0  # steps whose batches were ranked no better than chance after a good start
+        self.recent_rankings = collections.deque(maxlen=COLLAPSE_STEPS_TO_WARN)  # (in-batch R@1, chance) per step
+        self.best_ranking = 0.0  # the best in-batch R@1 of the run so far, in multiples of chance
+        self.ranking_collapse_reported = False
         self.loss_steps = 0
         self.first_stage_losses: list[float] = []  # the adapter's losses since the last log
         self.batch_recalls: list[float] = []  # in-batch R@1 of the steps since the last log
@@ -170,6 +185,7 @@ class SCTATrainer(Trainer):
         outputs = model(**inputs)  # through the DDP wrapper: the local tokens and the local block of scores
         self._watch_collapse(outputs.logits_per_image)
         self.batch_recalls.append(batch_recall_at_1(outputs.logits_per_image.detach(), image_ids))
+        self._watch_ranking(self.batch_recalls[-1], batch_chance_recall(image_ids))
         epoch = self.state.epoch or 0.0
         hardest_negative = epoch >= self.args.vse_mean_warmup_epochs
         unwrapped = self.accelerator.unwrap_model(model)
@@ -262,6 +278,40 @@ class SCTATrainer(Trainer):
                 self.consecutive_collapsed_steps,
             )
 
+    def _watch_ranking(self, recall: float, chance: float) -> None:
+        """
+        A model can collapse without equal scores: they differ, but rank the batch no better than chance, and dev
+        recall falls to nothing (the hinge's loss sits near `2 x batch x margin` then too). Once the run has ranked a
+        batch above `LEARNED_RANKING_FACTOR` x chance, a mean in-batch R@1 over the last `COLLAPSE_STEPS_TO_WARN`
+        steps of at most `CHANCE_RANKING_FACTOR` x chance counts the step (`chance_ranking_steps` in the logs), and
+        a warning says so once per episode. The start of a run, at chance before it has learnt, is not a collapse.
+        """
+        self.recent_rankings.append((recall, chance))
+        self.best_ranking = max(self.best_ranking, recall / chance)
+        mean_recall = sum(r for r, _ in self.recent_rankings) / len(self.recent_rankings)
+        mean_chance = sum(c for _, c in self.recent_rankings) / len(self.recent_rankings)
+        if (
+            len(self.recent_rankings) < COLLAPSE_STEPS_TO_WARN
+            or self.best_ranking < LEARNED_RANKING_FACTOR
+            or mean_recall > CHANCE_RANKING_FACTOR * mean_chance
+        ):
+            self.ranking_collapse_reported = False
+            return
+        self.chance_ranking_steps += 1
+        if not self.ranking_collapse_reported:
+            self.ranking_collapse_reported = True
+            logger.warning(
+                "Step %d: the batches of the last %d steps were ranked no better than chance (in-batch R@1 %.1f%%, "
+                "chance %.1f%%) by a model that had ranked up to %.0f times chance: the model has collapsed. It may "
+                "recover; if it does not, lower the learning rate, lengthen --warmup_steps or "
+                "--vse_mean_warmup_epochs, or resume from an earlier checkpoint.",
+                self.state.global_step,
+                len(self.recent_rankings),
+                100 * mean_recall,
+                100 * mean_chance,
+                self.best_ranking,
+            )
+
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).float().reshape(1)
         if self.args.world_size > 1:  # every process must skip the same steps
@@ -283,6 +333,7 @@ class SCTATrainer(Trainer):
             logs["nonfinite_loss_steps"] = self.nonfinite_loss_steps
             logs["steps_without_negatives"] = self.steps_without_negatives
             logs["collapsed_steps"] = self.collapsed_steps
+            logs["chance_ranking_steps"] = self.chance_ranking_steps
             if self.batch_recalls:
                 logs["batch_r1"] = round(100 * sum(self.batch_recalls) / len(self.batch_recalls), 2)
                 self.batch_recalls = []

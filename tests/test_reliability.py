@@ -256,6 +256,44 @@ def test_a_collapse_is_counted_and_reported_once_per_episode(caplog):
     assert trainer.consecutive_collapsed_steps == 0 and trainer.collapsed_steps == COLLAPSE_STEPS_TO_WARN + 5
 
 
+def test_a_ranking_collapse_without_equal_scores_is_counted_and_reported_once_per_episode(caplog):
+    """A model whose scores differ but rank the batch at chance (as a run at too high a learning rate did: in-batch
+    R@1 36% falling to 1.6%, chance 1.6%, its loss at the hinge's 25.6) has collapsed: counted once the last
+    COLLAPSE_STEPS_TO_WARN steps average at most twice chance, reported once; the start of a run, at chance before
+    it has learnt, is not; a return to ranking ends the episode."""
+    import collections
+    import types
+
+    from scta_train.trainer import COLLAPSE_STEPS_TO_WARN, batch_chance_recall
+
+    trainer = SCTATrainer.__new__(SCTATrainer)  # only the ranking watch's state
+    trainer.chance_ranking_steps, trainer.best_ranking, trainer.ranking_collapse_reported = 0, 0.0, False
+    trainer.recent_rankings = collections.deque(maxlen=COLLAPSE_STEPS_TO_WARN)
+    trainer.state = types.SimpleNamespace(global_step=0)
+    ids = torch.arange(64)
+    chance = batch_chance_recall(ids)
+    assert chance == pytest.approx(1 / 64)
+    assert batch_chance_recall(torch.tensor([0, 0, 1, 2])) == pytest.approx(6 / 16)  # pairs 0 and 1: one image
+
+    def steps(recall, count):
+        for _ in range(count):
+            trainer.state.global_step += 1
+            trainer._watch_ranking(recall, chance)
+
+    with caplog.at_level("WARNING"):
+        steps(1 / 64, 3 * COLLAPSE_STEPS_TO_WARN)  # the start: at chance, nothing learnt yet
+        assert trainer.chance_ranking_steps == 0
+        steps(0.36, 50)  # learnt to rank
+        steps(1 / 64, COLLAPSE_STEPS_TO_WARN - 1)  # the window still holds a good step
+        assert trainer.chance_ranking_steps == 0
+        steps(1 / 64, 10)
+    assert trainer.chance_ranking_steps == 10
+    assert caplog.text.count("ranked no better than chance") == 1
+    assert "in-batch R@1 1.6%" in caplog.text and "up to 23 times chance" in caplog.text
+    steps(0.5, 1)  # a good step lifts the window's mean above twice chance: the episode ends
+    assert trainer.chance_ranking_steps == 10 and not trainer.ranking_collapse_reported
+
+
 def test_batch_recall_counts_any_caption_of_the_same_image_as_a_hit():
     """In-batch R@1 (logged as batch_r1): pairs 0 and 1 show one image, so either caption is right for it; a row
     whose best column shows another image is a miss; both directions are averaged."""

@@ -296,6 +296,8 @@ def test_short_training_run_writes_a_complete_output_folder(trained_run):
     ):
         assert math.isfinite(test_results[f"test_{name}"]), name
     assert trained_run.results["nonfinite_loss_steps"] == 0
+    # the collapse watches report in the results, whatever they counted on this short run
+    assert {"collapsed_steps", "chance_ranking_steps"} <= set(trained_run.results)
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 30  # 96 images x 5 captions = 480 pairs, 32 per step, 2 epochs
     assert state["best_model_checkpoint"] is not None
